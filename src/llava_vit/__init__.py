@@ -1,0 +1,22 @@
+"""llava-vit: a packed LlavaViT / OneVision-Encoder vision encoder for images and videos of any size."""
+
+from .configuration import LlavaViTConfig, LlavaViTPackingConfig, OneVisionEncoderConfig
+from .modeling import LlavaViTPackingModel, LlavaViTPackingPreTrainedModel
+from .positions import (
+    compute_patch_positions_from_grid_thw,
+    compute_patch_positions_with_interpolated_temporal,
+    interpolate_frame_indices,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "LlavaViTConfig",
+    "LlavaViTPackingConfig",
+    "LlavaViTPackingModel",
+    "LlavaViTPackingPreTrainedModel",
+    "OneVisionEncoderConfig",
+    "compute_patch_positions_from_grid_thw",
+    "compute_patch_positions_with_interpolated_temporal",
+    "interpolate_frame_indices",
+]

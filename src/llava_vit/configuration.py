@@ -1,0 +1,169 @@
+"""Configurations: the packed encoder and its unpacked Hugging Face twin (the source layout)."""
+
+from __future__ import annotations
+
+from transformers import PretrainedConfig
+
+_SAME_AS_LAYER_NORM = "same_as_layer_norm"
+
+
+class LlavaViTPackingConfig(PretrainedConfig):
+    """Configuration of :class:`~llava_vit.LlavaViTPackingModel`.
+
+    Defaults describe ViT-L/14 (the seed's main checkpoint). The norm epsilons are part of a
+    checkpoint's identity (DESIGN §2.8): ``layer_norm_eps`` is used by every body norm and
+    ``head_norm_eps`` by the pooling head's RMSNorm; either may be ``None``, which means the
+    dtype's machine epsilon (PyTorch's RMSNorm default; only allowed for RMSNorm). When
+    ``head_norm_eps`` is not given it follows ``layer_norm_eps``, as HF-format checkpoints do.
+
+    ``spatial_merge_size`` is carried for the LLM-side patch merger (Qwen2-VL style); the
+    encoder itself does not merge. ``temporal_patch_size`` must be 1: a patch is one frame.
+    """
+
+    model_type = "llava_vit_packing"
+
+    def __init__(
+        self,
+        hidden_size: int = 1024,
+        intermediate_size: int = 4096,
+        num_hidden_layers: int = 24,
+        num_attention_heads: int = 16,
+        num_channels: int = 3,
+        image_size: int = 448,
+        patch_size: int = 14,
+        temporal_patch_size: int = 1,
+        hidden_act: str = "gelu",
+        layer_norm_eps: float | None = 1e-6,
+        layer_norm_type: str = "layer_norm",
+        head_norm_eps: float | None | str = _SAME_AS_LAYER_NORM,
+        attention_dropout: float = 0.0,
+        initializer_range: float = 0.02,
+        rope_theta: float = 10000.0,
+        use_head: bool = True,
+        spatial_merge_size: int = 1,
+        **kwargs,
+    ):
+        self.hidden_size = hidden_size
+        self.intermediate_size = intermediate_size
+        self.num_hidden_layers = num_hidden_layers
+        self.num_attention_heads = num_attention_heads
+        self.num_channels = num_channels
+        self.image_size = image_size
+        self.patch_size = patch_size
+        self.temporal_patch_size = temporal_patch_size
+        self.hidden_act = hidden_act
+        self.layer_norm_eps = layer_norm_eps
+        self.layer_norm_type = layer_norm_type
+        self.head_norm_eps = layer_norm_eps if head_norm_eps == _SAME_AS_LAYER_NORM else head_norm_eps
+        self.attention_dropout = attention_dropout
+        self.initializer_range = initializer_range
+        self.rope_theta = rope_theta
+        self.use_head = use_head
+        self.spatial_merge_size = spatial_merge_size
+        super().__init__(**kwargs)
+        validate_architecture(self)
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def patch_dim(self) -> int:
+        """Length of one flattened patch vector, ``C * p * p``."""
+        return self.num_channels * self.patch_size * self.patch_size
+
+
+class LlavaViTConfig(PretrainedConfig):
+    """Configuration of the unpacked HF twin :class:`~llava_vit.LlavaViTModel`.
+
+    Same fields as the published OneVision-Encoder config. ``layer_norm_eps`` applies to every
+    norm, the head's RMSNorm included (that is what HF-layout checkpoints were computed with).
+    ``rope_temporal_size`` is the temporal context (in frames) the source was trained with.
+    """
+
+    model_type = "llava_vit"
+
+    def __init__(
+        self,
+        hidden_size: int = 1024,
+        intermediate_size: int = 4096,
+        num_hidden_layers: int = 24,
+        num_attention_heads: int = 16,
+        num_channels: int = 3,
+        image_size: int = 448,
+        patch_size: int = 14,
+        hidden_act: str = "gelu",
+        layer_norm_eps: float | None = 1e-6,
+        layer_norm_type: str = "layer_norm",
+        attention_dropout: float = 0.0,
+        initializer_range: float = 0.02,
+        rope_theta: float = 10000.0,
+        rope_temporal_size: int = 64,
+        use_head: bool = True,
+        **kwargs,
+    ):
+        self.hidden_size = hidden_size
+        self.intermediate_size = intermediate_size
+        self.num_hidden_layers = num_hidden_layers
+        self.num_attention_heads = num_attention_heads
+        self.num_channels = num_channels
+        self.image_size = image_size
+        self.patch_size = patch_size
+        self.hidden_act = hidden_act
+        self.layer_norm_eps = layer_norm_eps
+        self.layer_norm_type = layer_norm_type
+        self.attention_dropout = attention_dropout
+        self.initializer_range = initializer_range
+        self.rope_theta = rope_theta
+        self.rope_temporal_size = rope_temporal_size
+        self.use_head = use_head
+        super().__init__(**kwargs)
+        validate_architecture(self)
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def head_norm_eps(self) -> float | None:
+        return self.layer_norm_eps
+
+
+class OneVisionEncoderConfig(LlavaViTConfig):
+    """The published OneVision-Encoder ``model_type``; same layout as :class:`LlavaViTConfig`."""
+
+    model_type = "onevision_encoder"
+
+
+def validate_architecture(config: PretrainedConfig) -> None:
+    """Reject configurations the encoder cannot build, saying why."""
+    for name in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                 "num_channels", "patch_size"):
+        value = getattr(config, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    if config.hidden_size % config.num_attention_heads:
+        raise ValueError(
+            f"hidden_size ({config.hidden_size}) must be divisible by num_attention_heads "
+            f"({config.num_attention_heads})"
+        )
+    head_dim = config.hidden_size // config.num_attention_heads
+    if (head_dim // 2) % 16 or head_dim % 2:
+        raise ValueError(
+            f"head_dim = hidden_size / num_attention_heads = {head_dim}: the 3D RoPE splits head_dim/2 "
+            f"frequencies 4:6:6 over (t, h, w), so head_dim/2 must be divisible by 16 "
+            f"(head_dim a multiple of 32)"
+        )
+    if config.layer_norm_type not in ("layer_norm", "rms_norm"):
+        raise ValueError(f"layer_norm_type must be 'layer_norm' or 'rms_norm', got {config.layer_norm_type!r}")
+    if config.layer_norm_type == "layer_norm" and config.layer_norm_eps is None:
+        raise ValueError("layer_norm_eps=None (machine epsilon) is only valid with layer_norm_type='rms_norm'")
+    if config.hidden_act != "gelu":
+        raise ValueError(f"hidden_act must be 'gelu' (exact erf GELU, as trained), got {config.hidden_act!r}")
+    if getattr(config, "temporal_patch_size", 1) != 1:
+        raise ValueError(
+            f"temporal_patch_size must be 1 (each patch is one frame), got {config.temporal_patch_size!r}"
+        )
+    merge = getattr(config, "spatial_merge_size", 1)
+    if isinstance(merge, bool) or not isinstance(merge, int) or merge <= 0:
+        raise ValueError(f"spatial_merge_size must be a positive integer, got {merge!r}")

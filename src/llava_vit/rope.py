@@ -1,0 +1,47 @@
+"""3D rotary position embedding, split 4:6:6 over (t, h, w), with the interleaved rotation.
+
+The trained weights depend on two details that differ from the textbook RoPE (DESIGN §2.5):
+each axis has its own frequency ladder ``theta ** (-i / size_axis)``, and the rotation pairs
+elements (2j, 2j+1) while the angle table is ``concat(f, f)``, so the two elements of a pair are
+rotated by *different* frequencies.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def rope_axis_sizes(head_dim: int) -> tuple[int, int, int]:
+    """Number of frequencies given to the (t, h, w) axes: 4u, 6u, 6u with u = head_dim / 32."""
+    unit = head_dim // 32
+    return 4 * unit, 6 * unit, 6 * unit
+
+
+def rope_angles(positions: torch.Tensor, head_dim: int, theta: float = 10000.0) -> torch.Tensor:
+    """Angles ``concat(f, f)`` of shape ``(N, head_dim)``, float32, for ``positions`` ``(N, 3)``."""
+    pos = positions.to(torch.float32)
+    freqs = []
+    for axis, size in enumerate(rope_axis_sizes(head_dim)):
+        inv_freq = theta ** (-torch.arange(size, device=pos.device, dtype=torch.float32) / size)
+        freqs.append(pos[:, axis, None] * inv_freq)
+    f = torch.cat(freqs, dim=-1)
+    return torch.cat((f, f), dim=-1)
+
+
+def rope_cos_sin(
+    positions: torch.Tensor, head_dim: int, theta: float = 10000.0, dtype: torch.dtype = torch.float32
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``cos`` and ``sin`` tables ``(N, 1, head_dim)`` in ``dtype``, ready to broadcast over heads."""
+    angles = rope_angles(positions, head_dim, theta)[:, None, :]
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def rotate_interleaved(x: torch.Tensor) -> torch.Tensor:
+    """``rot(x)[2j] = -x[2j+1]``, ``rot(x)[2j+1] = x[2j]`` on the last dimension."""
+    pairs = x.unflatten(-1, (-1, 2))
+    return torch.stack((-pairs[..., 1], pairs[..., 0]), dim=-1).flatten(-2)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate ``x`` (``(..., N, H, head_dim)``) by the tables from :func:`rope_cos_sin`."""
+    return x * cos + rotate_interleaved(x) * sin

@@ -2,6 +2,8 @@
 
 from .configuration import LlavaViTConfig, LlavaViTPackingConfig, OneVisionEncoderConfig
 from .modeling import LlavaViTPackingModel, LlavaViTPackingPreTrainedModel
+from .source import LlavaViT, LlavaViTModel, OneVisionEncoderModel
+from .variants import VARIANTS, packing_config, source_config
 from .positions import (
     compute_patch_positions_from_grid_thw,
     compute_patch_positions_with_interpolated_temporal,
@@ -15,7 +17,13 @@ __all__ = [
     "LlavaViTPackingConfig",
     "LlavaViTPackingModel",
     "LlavaViTPackingPreTrainedModel",
+    "LlavaViT",
+    "LlavaViTModel",
     "OneVisionEncoderConfig",
+    "OneVisionEncoderModel",
+    "VARIANTS",
+    "packing_config",
+    "source_config",
     "compute_patch_positions_from_grid_thw",
     "compute_patch_positions_with_interpolated_temporal",
     "interpolate_frame_indices",

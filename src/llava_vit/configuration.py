@@ -7,20 +7,15 @@ from transformers import PretrainedConfig
 _SAME_AS_LAYER_NORM = "same_as_layer_norm"
 
 
-class LlavaViTPackingConfig(PretrainedConfig):
-    """Configuration of :class:`~llava_vit.LlavaViTPackingModel`.
+class _LlavaViTArchitecture(PretrainedConfig):
+    """Fields shared by both layouts, and the checks that reject impossible architectures.
 
-    Defaults describe ViT-L/14 (the seed's main checkpoint). The norm epsilons are part of a
-    checkpoint's identity (DESIGN §2.8): ``layer_norm_eps`` is used by every body norm and
-    ``head_norm_eps`` by the pooling head's RMSNorm; either may be ``None``, which means the
-    dtype's machine epsilon (PyTorch's RMSNorm default; only allowed for RMSNorm). When
-    ``head_norm_eps`` is not given it follows ``layer_norm_eps``, as HF-format checkpoints do.
-
-    ``spatial_merge_size`` is carried for the LLM-side patch merger (Qwen2-VL style); the
-    encoder itself does not merge. ``temporal_patch_size`` must be 1: a patch is one frame.
+    The norm epsilons are part of a checkpoint's identity (DESIGN §2.8): ``layer_norm_eps`` is
+    used by every body norm and ``head_norm_eps`` by the pooling head's RMSNorm; either may be
+    ``None``, the dtype's machine epsilon (PyTorch's RMSNorm default; RMSNorm only). When
+    ``head_norm_eps`` is not given it follows ``layer_norm_eps``, as in HF-format checkpoints.
+    Defaults describe ViT-L/14.
     """
-
-    model_type = "llava_vit_packing"
 
     def __init__(
         self,
@@ -31,7 +26,6 @@ class LlavaViTPackingConfig(PretrainedConfig):
         num_channels: int = 3,
         image_size: int = 448,
         patch_size: int = 14,
-        temporal_patch_size: int = 1,
         hidden_act: str = "gelu",
         layer_norm_eps: float | None = 1e-6,
         layer_norm_type: str = "layer_norm",
@@ -40,7 +34,6 @@ class LlavaViTPackingConfig(PretrainedConfig):
         initializer_range: float = 0.02,
         rope_theta: float = 10000.0,
         use_head: bool = True,
-        spatial_merge_size: int = 1,
         **kwargs,
     ):
         self.hidden_size = hidden_size
@@ -50,7 +43,6 @@ class LlavaViTPackingConfig(PretrainedConfig):
         self.num_channels = num_channels
         self.image_size = image_size
         self.patch_size = patch_size
-        self.temporal_patch_size = temporal_patch_size
         self.hidden_act = hidden_act
         self.layer_norm_eps = layer_norm_eps
         self.layer_norm_type = layer_norm_type
@@ -59,9 +51,8 @@ class LlavaViTPackingConfig(PretrainedConfig):
         self.initializer_range = initializer_range
         self.rope_theta = rope_theta
         self.use_head = use_head
-        self.spatial_merge_size = spatial_merge_size
         super().__init__(**kwargs)
-        validate_architecture(self)
+        self._validate_architecture()
 
     @property
     def head_dim(self) -> int:
@@ -72,98 +63,71 @@ class LlavaViTPackingConfig(PretrainedConfig):
         """Length of one flattened patch vector, ``C * p * p``."""
         return self.num_channels * self.patch_size * self.patch_size
 
+    def to_diff_dict(self) -> dict:
+        """Always write both epsilons: a missing ``head_norm_eps`` would follow ``layer_norm_eps``."""
+        diff = super().to_diff_dict()
+        diff["layer_norm_eps"] = self.layer_norm_eps
+        diff["head_norm_eps"] = self.head_norm_eps
+        return diff
 
-class LlavaViTConfig(PretrainedConfig):
-    """Configuration of the unpacked HF twin :class:`~llava_vit.LlavaViTModel`.
+    def _validate_architecture(self) -> None:
+        for name in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                     "num_channels", "patch_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"hidden_size ({self.hidden_size}) must be divisible by num_attention_heads "
+                f"({self.num_attention_heads})"
+            )
+        if self.head_dim % 32:
+            raise ValueError(
+                f"head_dim = hidden_size / num_attention_heads = {self.head_dim}: the 3D RoPE splits "
+                f"head_dim/2 frequencies 4:6:6 over (t, h, w), so head_dim/2 must be divisible by 16"
+            )
+        if self.layer_norm_type not in ("layer_norm", "rms_norm"):
+            raise ValueError(f"layer_norm_type must be 'layer_norm' or 'rms_norm', got {self.layer_norm_type!r}")
+        if self.layer_norm_type == "layer_norm" and self.layer_norm_eps is None:
+            raise ValueError("layer_norm_eps=None (machine epsilon) is only valid with layer_norm_type='rms_norm'")
+        if self.hidden_act != "gelu":
+            raise ValueError(f"hidden_act must be 'gelu' (the exact erf GELU it was trained with), got {self.hidden_act!r}")
 
-    Same fields as the published OneVision-Encoder config. ``layer_norm_eps`` applies to every
-    norm, the head's RMSNorm included (that is what HF-layout checkpoints were computed with).
-    ``rope_temporal_size`` is the temporal context (in frames) the source was trained with.
+
+class LlavaViTPackingConfig(_LlavaViTArchitecture):
+    """Configuration of :class:`~llava_vit.LlavaViTPackingModel` (see the base for shared fields).
+
+    ``temporal_patch_size`` must be 1 (a patch is one frame). ``spatial_merge_size`` is carried
+    for the LLM-side patch merger (Qwen2-VL style); the encoder itself does not merge.
+    """
+
+    model_type = "llava_vit_packing"
+
+    def __init__(self, temporal_patch_size: int = 1, spatial_merge_size: int = 1, **kwargs):
+        if temporal_patch_size != 1:
+            raise ValueError(f"temporal_patch_size must be 1 (each patch is one frame), got {temporal_patch_size!r}")
+        if isinstance(spatial_merge_size, bool) or not isinstance(spatial_merge_size, int) or spatial_merge_size <= 0:
+            raise ValueError(f"spatial_merge_size must be a positive integer, got {spatial_merge_size!r}")
+        self.temporal_patch_size = temporal_patch_size
+        self.spatial_merge_size = spatial_merge_size
+        super().__init__(**kwargs)
+
+
+class LlavaViTConfig(_LlavaViTArchitecture):
+    """Configuration of the unpacked source model (:class:`~llava_vit.LlavaViTModel` and the timm
+    :class:`~llava_vit.source.LlavaViT`), the published OneVision-Encoder fields.
+
+    ``rope_temporal_size`` is the temporal context, in frames, the source was trained with.
     """
 
     model_type = "llava_vit"
 
-    def __init__(
-        self,
-        hidden_size: int = 1024,
-        intermediate_size: int = 4096,
-        num_hidden_layers: int = 24,
-        num_attention_heads: int = 16,
-        num_channels: int = 3,
-        image_size: int = 448,
-        patch_size: int = 14,
-        hidden_act: str = "gelu",
-        layer_norm_eps: float | None = 1e-6,
-        layer_norm_type: str = "layer_norm",
-        attention_dropout: float = 0.0,
-        initializer_range: float = 0.02,
-        rope_theta: float = 10000.0,
-        rope_temporal_size: int = 64,
-        use_head: bool = True,
-        **kwargs,
-    ):
-        self.hidden_size = hidden_size
-        self.intermediate_size = intermediate_size
-        self.num_hidden_layers = num_hidden_layers
-        self.num_attention_heads = num_attention_heads
-        self.num_channels = num_channels
-        self.image_size = image_size
-        self.patch_size = patch_size
-        self.hidden_act = hidden_act
-        self.layer_norm_eps = layer_norm_eps
-        self.layer_norm_type = layer_norm_type
-        self.attention_dropout = attention_dropout
-        self.initializer_range = initializer_range
-        self.rope_theta = rope_theta
+    def __init__(self, rope_temporal_size: int = 64, **kwargs):
         self.rope_temporal_size = rope_temporal_size
-        self.use_head = use_head
         super().__init__(**kwargs)
-        validate_architecture(self)
-
-    @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_attention_heads
-
-    @property
-    def head_norm_eps(self) -> float | None:
-        return self.layer_norm_eps
 
 
 class OneVisionEncoderConfig(LlavaViTConfig):
     """The published OneVision-Encoder ``model_type``; same layout as :class:`LlavaViTConfig`."""
 
     model_type = "onevision_encoder"
-
-
-def validate_architecture(config: PretrainedConfig) -> None:
-    """Reject configurations the encoder cannot build, saying why."""
-    for name in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                 "num_channels", "patch_size"):
-        value = getattr(config, name)
-        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    if config.hidden_size % config.num_attention_heads:
-        raise ValueError(
-            f"hidden_size ({config.hidden_size}) must be divisible by num_attention_heads "
-            f"({config.num_attention_heads})"
-        )
-    head_dim = config.hidden_size // config.num_attention_heads
-    if (head_dim // 2) % 16 or head_dim % 2:
-        raise ValueError(
-            f"head_dim = hidden_size / num_attention_heads = {head_dim}: the 3D RoPE splits head_dim/2 "
-            f"frequencies 4:6:6 over (t, h, w), so head_dim/2 must be divisible by 16 "
-            f"(head_dim a multiple of 32)"
-        )
-    if config.layer_norm_type not in ("layer_norm", "rms_norm"):
-        raise ValueError(f"layer_norm_type must be 'layer_norm' or 'rms_norm', got {config.layer_norm_type!r}")
-    if config.layer_norm_type == "layer_norm" and config.layer_norm_eps is None:
-        raise ValueError("layer_norm_eps=None (machine epsilon) is only valid with layer_norm_type='rms_norm'")
-    if config.hidden_act != "gelu":
-        raise ValueError(f"hidden_act must be 'gelu' (exact erf GELU, as trained), got {config.hidden_act!r}")
-    if getattr(config, "temporal_patch_size", 1) != 1:
-        raise ValueError(
-            f"temporal_patch_size must be 1 (each patch is one frame), got {config.temporal_patch_size!r}"
-        )
-    merge = getattr(config, "spatial_merge_size", 1)
-    if isinstance(merge, bool) or not isinstance(merge, int) or merge <= 0:
-        raise ValueError(f"spatial_merge_size must be a positive integer, got {merge!r}")

@@ -1,0 +1,296 @@
+"""Checkpoint conversion: timm-source files and HF LlavaViT / OneVision-Encoder folders to the
+packed layout (DESIGN §5), with strict key and shape accounting and the source's norm epsilons.
+
+Loading is always ``weights_only``: a pickle that needs code to load is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+
+from .configuration import LlavaViTConfig, LlavaViTPackingConfig
+from .modeling import LlavaViTPackingModel
+from .source import LlavaViT, LlavaViTModel
+from .variants import SOURCE_EPS, SOURCE_MODEL_NAMES, VARIANTS
+
+ARCH_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_channels",
+               "patch_size", "layer_norm_type", "use_head", "rope_theta", "image_size")
+CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
+
+
+class ConversionError(ValueError):
+    """A checkpoint that cannot be converted exactly; the message says which keys or fields."""
+
+
+# ---- reading ----------------------------------------------------------------------------------
+
+
+def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
+    """Tensors of a ``.pt/.pth/.bin/.safetensors`` file; ``{"model": sd}``/``{"state_dict": sd}`` unwrapped."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint file not found: {path}")
+    if path.suffix == ".safetensors":
+        try:
+            return load_file(str(path))
+        except Exception as err:
+            raise ConversionError(f"{path} is not a readable safetensors file: {err}") from err
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise ConversionError(
+            f"{path} refused: loading it would execute code or objects beyond plain tensors "
+            f"(torch.load weights_only=True rejected it: {str(err).splitlines()[0]}). Only plain state dicts "
+            f"are accepted; re-save the weights with torch.save(model.state_dict()) or as safetensors."
+        ) from err
+    except Exception as err:
+        raise ConversionError(f"{path} is not a PyTorch checkpoint: {type(err).__name__}: {err}") from err
+    if isinstance(obj, dict):
+        for wrapper in ("model", "state_dict"):
+            if isinstance(obj.get(wrapper), dict):
+                obj = obj[wrapper]
+                break
+    if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise ConversionError(
+            f"{path} does not hold a state dict (a mapping of names to tensors, bare or under 'model'/'state_dict')"
+        )
+    return dict(obj)
+
+
+def read_hf_folder(folder: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """``config.json`` and the weights of an HF folder (single file, ``.bin``, or sharded with an index)."""
+    folder = Path(folder)
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        raise ConversionError(f"{folder} is not an HF model folder: it has no config.json")
+    config = json.loads(config_path.read_text())
+    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        index = folder / index_name
+        if index.is_file():
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            state: dict[str, torch.Tensor] = {}
+            for shard in shards:
+                state.update(load_state_dict_file(folder / shard))
+            return config, state
+    for name in ("model.safetensors", "pytorch_model.bin"):
+        if (folder / name).is_file():
+            return config, load_state_dict_file(folder / name)
+    raise ConversionError(f"{folder} has no model.safetensors, pytorch_model.bin or shard index")
+
+
+def detect_layout(state: dict[str, torch.Tensor]) -> str:
+    """``"timm_source"``, ``"hf"`` or ``"packing"`` from the parameter names."""
+    if "conv1.weight" in state:
+        return "timm_source"
+    if "embeddings.patch_embedding.weight" in state:
+        return "hf"
+    if "patch_embed.proj.weight" in state:
+        return "packing"
+    raise ConversionError(
+        "unrecognised checkpoint: expected 'conv1.weight' (timm source), 'embeddings.patch_embedding.weight' "
+        f"(HF LlavaViT/OneVision-Encoder) or 'patch_embed.proj.weight' (packing); first keys: {sorted(state)[:8]}"
+    )
+
+
+# ---- architecture -----------------------------------------------------------------------------
+
+
+def infer_architecture(state: dict[str, torch.Tensor], layout: str) -> tuple[dict[str, Any], str]:
+    """Architecture fields the tensor shapes decide, and how the head count was found.
+
+    The head count is not in any shape: it comes from a known variant with these shapes, or the
+    caller must give it (a :class:`ConversionError` otherwise).
+    """
+    names = {
+        "timm_source": ("conv1.weight", r"transformer\.layers\.(\d+)\.", "transformer.layers.0.mlp.0.weight",
+                        "ln_pre.bias"),
+        "hf": ("embeddings.patch_embedding.weight", r"encoder\.layers\.(\d+)\.", "encoder.layers.0.mlp.fc1.weight",
+               "layernorm_pre.bias"),
+        "packing": ("patch_embed.proj.weight", r"encoder\.layers\.(\d+)\.", "encoder.layers.0.mlp.fc1.weight",
+                    "layernorm_pre.bias"),
+    }[layout]
+    patch_key, layer_re, fc1_key, pre_bias_key = names
+    if patch_key not in state or fc1_key not in state:
+        missing = [k for k in (patch_key, fc1_key) if k not in state]
+        raise ConversionError(f"cannot read the architecture: missing {missing}")
+    hidden, channels, patch, _ = state[patch_key].shape
+    layers = {int(m.group(1)) for k in state if (m := re.match(layer_re, k))}
+    arch = dict(
+        hidden_size=hidden, num_channels=channels, patch_size=patch,
+        num_hidden_layers=max(layers) + 1, intermediate_size=state[fc1_key].shape[0],
+        layer_norm_type="layer_norm" if pre_bias_key in state else "rms_norm",
+        use_head=any(k.startswith("head.") for k in state),
+    )
+    for size, variant in VARIANTS.items():
+        if all(variant[k] == arch[k] for k in ("hidden_size", "num_hidden_layers", "intermediate_size", "patch_size")):
+            return {**arch, "num_attention_heads": variant["num_attention_heads"]}, f"shapes match the '{size}' variant"
+    return arch, "ambiguous"
+
+
+def _resolve_architecture(state, layout, config) -> tuple[dict[str, Any], str]:
+    shapes, how = infer_architecture(state, layout)
+    if config is not None:
+        given = {k: getattr(config, k) for k in ARCH_FIELDS if hasattr(config, k)}
+        clash = {k: (given[k], v) for k, v in shapes.items() if k in given and given[k] != v}
+        if clash:
+            raise ConversionError(
+                "the given config does not match the checkpoint's shapes: "
+                + ", ".join(f"{k}: config {c} vs checkpoint {s}" for k, (c, s) in clash.items())
+            )
+        return {**shapes, **given}, "the given config"
+    if how == "ambiguous":
+        raise ConversionError(
+            f"the checkpoint's shapes (hidden_size={shapes['hidden_size']}, layers={shapes['num_hidden_layers']}, "
+            f"intermediate_size={shapes['intermediate_size']}, patch_size={shapes['patch_size']}) match no known "
+            f"variant and the head count cannot be read from tensors: pass a config with num_attention_heads"
+        )
+    return shapes, how
+
+
+# ---- key mapping --------------------------------------------------------------------------------
+
+_TIMM_TO_PACKING = (
+    (r"^conv1\.weight$", "patch_embed.proj.weight"),
+    (r"^ln_pre\.", "layernorm_pre."),
+    (r"^ln_post\.", "layernorm_post."),
+    (r"^transformer\.layers\.(\d+)\.ln_1\.", r"encoder.layers.\1.layer_norm1."),
+    (r"^transformer\.layers\.(\d+)\.ln_2\.", r"encoder.layers.\1.layer_norm2."),
+    (r"^transformer\.layers\.(\d+)\.attn\.in_proj\.", r"encoder.layers.\1.self_attn.qkv."),
+    (r"^transformer\.layers\.(\d+)\.attn\.out_proj\.", r"encoder.layers.\1.self_attn.proj."),
+    (r"^transformer\.layers\.(\d+)\.mlp\.0\.", r"encoder.layers.\1.mlp.fc1."),
+    (r"^transformer\.layers\.(\d+)\.mlp\.2\.", r"encoder.layers.\1.mlp.fc2."),
+    (r"^(head\..*)$", r"\1"),
+)
+_HF_TO_PACKING = (
+    (r"^embeddings\.patch_embedding\.weight$", "patch_embed.proj.weight"),
+    (r"^(layernorm_pre|layernorm_post)\.", r"\1."),
+    (r"^encoder\.layers\.(\d+)\.(layer_norm1|layer_norm2|mlp\.fc1|mlp\.fc2)\.", r"encoder.layers.\1.\2."),
+    (r"^encoder\.layers\.(\d+)\.self_attn\.out_proj\.", r"encoder.layers.\1.self_attn.proj."),
+    (r"^(head\..*)$", r"\1"),
+)
+_HF_QKV = re.compile(r"^encoder\.layers\.(\d+)\.self_attn\.([qkv])_proj\.(weight|bias)$")
+
+
+def to_packing_state_dict(state: dict[str, torch.Tensor], layout: str) -> dict[str, torch.Tensor]:
+    """Rename (and for HF, fuse q/k/v into ``qkv``) every tensor; unknown keys are an error."""
+    if layout == "packing":
+        return dict(state)
+    rules = _TIMM_TO_PACKING if layout == "timm_source" else _HF_TO_PACKING
+    out: dict[str, torch.Tensor] = {}
+    qkv: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
+    unknown = []
+    for key, tensor in state.items():
+        if layout == "hf" and (m := _HF_QKV.match(key)):
+            qkv.setdefault((m.group(1), m.group(3)), {})[m.group(2)] = tensor
+            continue
+        for pattern, repl in rules:
+            if re.match(pattern, key):
+                out[re.sub(pattern, repl, key)] = tensor
+                break
+        else:
+            unknown.append(key)
+    if unknown:
+        raise ConversionError(f"{len(unknown)} checkpoint tensors have no place in the model: {sorted(unknown)}")
+    for (layer, kind), parts in sorted(qkv.items()):
+        if set(parts) != {"q", "k", "v"}:
+            missing = [f"encoder.layers.{layer}.self_attn.{p}_proj.{kind}" for p in "qkv" if p not in parts]
+            raise ConversionError(f"incomplete attention projections: missing {missing}")
+        out[f"encoder.layers.{layer}.self_attn.qkv.{kind}"] = torch.cat([parts["q"], parts["k"], parts["v"]])
+    return out
+
+
+def check_state_dict_matches(model: torch.nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
+    """Every model tensor filled, every checkpoint tensor used, every shape equal; else list the keys."""
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    missing = sorted(set(expected) - set(state))
+    extra = sorted(set(state) - set(expected))
+    wrong = sorted(
+        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(expected[k])}"
+        for k in set(expected) & set(state) if tuple(state[k].shape) != tuple(expected[k])
+    )
+    problems = []
+    if missing:
+        problems.append(f"missing tensors {missing}")
+    if extra:
+        problems.append(f"unexpected tensors {extra}")
+    if wrong:
+        problems.append(f"wrong shapes {wrong}")
+    if problems:
+        raise ConversionError(f"{what} does not match the model: " + "; ".join(problems))
+
+
+# ---- public entry points -------------------------------------------------------------------------
+
+
+def read_checkpoint(src: str | Path) -> tuple[dict[str, torch.Tensor], str, dict[str, Any] | None]:
+    """``(state, layout, hf_config)`` of a checkpoint file or HF folder."""
+    src = Path(src)
+    if src.is_dir():
+        hf_config, state = read_hf_folder(src)
+        return state, detect_layout(state), hf_config
+    if not src.exists():
+        raise FileNotFoundError(f"checkpoint not found: {src}")
+    if src.suffix not in CHECKPOINT_SUFFIXES:
+        raise ConversionError(f"{src}: expected a {'/'.join(CHECKPOINT_SUFFIXES)} file or an HF folder")
+    state = load_state_dict_file(src)
+    return state, detect_layout(state), None
+
+
+def packing_config_for(state, layout: str, hf_config: dict | None, config=None) -> tuple[LlavaViTPackingConfig, str]:
+    """The packed config for a checkpoint, with the epsilons its source used; and where the architecture came from.
+
+    timm source: the source's epsilons whatever ``config`` says (it supplies the architecture only).
+    HF folder: its ``config.json`` (``layer_norm_eps`` for every norm, head included).
+    """
+    if hf_config is not None and config is None:
+        config = LlavaViTConfig(**{k: v for k, v in hf_config.items() if k in ARCH_FIELDS + ("layer_norm_eps",)})
+        how = "the folder's config.json"
+        arch, _ = _resolve_architecture(state, layout, config)
+    else:
+        arch, how = _resolve_architecture(state, layout, config)
+    if layout == "timm_source":
+        eps = SOURCE_EPS[arch["layer_norm_type"]]
+    elif hf_config is not None:
+        eps = dict(layer_norm_eps=hf_config.get("layer_norm_eps", 1e-6), head_norm_eps=hf_config.get("layer_norm_eps", 1e-6))
+    else:
+        eps = dict(layer_norm_eps=config.layer_norm_eps, head_norm_eps=config.head_norm_eps) if config else {}
+    return LlavaViTPackingConfig(**{**arch, **eps}), how
+
+
+def convert_checkpoint(src: str | Path, *, config: LlavaViTPackingConfig | LlavaViTConfig | None = None) -> LlavaViTPackingModel:
+    """Build a :class:`LlavaViTPackingModel` from a timm-source file or an HF LlavaViT/OneVision-Encoder folder.
+
+    ``config`` gives the architecture where the file cannot (the head count of an unknown size).
+    Weights keep the checkpoint's dtype and are not copied (the model takes the loaded tensors).
+    """
+    state, layout, hf_config = read_checkpoint(src)
+    packing_config, _ = packing_config_for(state, layout, hf_config, config)
+    packed = to_packing_state_dict(state, layout)
+    with torch.device("meta"):
+        model = LlavaViTPackingModel(packing_config)
+    check_state_dict_matches(model, packed, f"checkpoint {src}")
+    model.load_state_dict(packed, strict=True, assign=True)
+    return model.eval()
+
+
+def build_source_model(src: str | Path, *, config: LlavaViTPackingConfig | LlavaViTConfig | None = None):
+    """The source model of a checkpoint (timm :class:`LlavaViT` or HF :class:`LlavaViTModel`), for verification."""
+    state, layout, hf_config = read_checkpoint(src)
+    packing_config, _ = packing_config_for(state, layout, hf_config, config)
+    fields = {k: getattr(packing_config, k) for k in ARCH_FIELDS + ("layer_norm_eps", "head_norm_eps")}
+    if layout == "timm_source":
+        model = LlavaViT(LlavaViTConfig(**fields))
+    elif layout == "hf":
+        model = LlavaViTModel(LlavaViTConfig(**fields))
+    else:
+        raise ConversionError("a packing checkpoint has no separate source model")
+    check_state_dict_matches(model, state, f"checkpoint {src}")
+    model.load_state_dict(state, strict=True)
+    return model.eval()

@@ -1,0 +1,48 @@
+"""The ``llava-vit`` command: ``convert`` checkpoints and ``encode`` images and videos."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="llava-vit", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    convert = sub.add_parser("convert", help="convert a source checkpoint to the packed layout, and verify it")
+    convert.add_argument("src", help="timm-source .pt/.pth/.bin/.safetensors file, or an HF LlavaViT/OneVision-Encoder folder")
+    convert.add_argument("--output-dir", required=True, help="folder to write (config.json, model.safetensors, preprocessor_config.json)")
+    arch = convert.add_mutually_exclusive_group()
+    arch.add_argument("--model-name", help="source variant name (e.g. llava_vit_large_ln) giving the architecture")
+    arch.add_argument("--config", help="JSON file with the architecture (LlavaViTPackingConfig fields)")
+    convert.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
+    convert.add_argument("--device", default="cpu", help="device for verification (cpu or cuda)")
+    convert.add_argument("--no-verify", action="store_true", help="skip comparing the written model with the source")
+    convert.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+
+    encode = sub.add_parser("encode", help="encode images and videos into patch features and pooled vectors")
+    encode.add_argument("inputs", nargs="+", help="image/video files, folders or glob patterns")
+    encode.add_argument("--model", required=True, help="converted model folder, or a variant name (random weights)")
+    encode.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    encode.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None)
+    encode.add_argument("--max-tokens", type=int, default=16384, help="token budget of one packed forward pass")
+    encode.add_argument("--frames", type=int, default=8, help="frames sampled uniformly from each video")
+    encode.add_argument("--output", default="llava_vit_features", help="output folder")
+    encode.add_argument("--visualize", action="store_true", help="write a PCA picture of the patch features per input")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "convert":
+        from .conversion_command import run_convert
+
+        return run_convert(args)
+    from .encoding import run_encode
+
+    return run_encode(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,96 @@
+"""Round trips through save_pretrained/from_pretrained, the Auto classes, and the variant table."""
+
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+from transformers import AutoConfig, AutoModel
+
+import llava_vit
+from llava_vit import LlavaViTPackingConfig, LlavaViTPackingModel
+from llava_vit.variants import PACKING_MODEL_NAMES, SOURCE_MODEL_NAMES, VARIANTS
+from model_pairs import TINY, randomize_
+
+
+def test_save_load_round_trip_is_bit_exact(tmp_path):
+    model = LlavaViTPackingModel(LlavaViTPackingConfig(**TINY, layer_norm_eps=1e-5, head_norm_eps=None)).eval()
+    randomize_(model, 3)
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").is_file()
+    loaded = LlavaViTPackingModel.from_pretrained(tmp_path).eval()
+    assert loaded.config.layer_norm_eps == 1e-5 and loaded.config.head_norm_eps is None
+    for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(a, b), name
+    grid = torch.tensor([[2, 3, 4], [1, 5, 2]])
+    hs = torch.randn(34, model.config.patch_dim)
+    with torch.no_grad():
+        assert torch.equal(model(hs, grid).last_hidden_state, loaded(hs, grid).last_hidden_state)
+
+
+@pytest.mark.parametrize("kwarg", ["torch_dtype", "dtype"])
+def test_from_pretrained_honours_dtype(tmp_path, kwarg):
+    LlavaViTPackingModel(LlavaViTPackingConfig(**TINY)).save_pretrained(tmp_path)
+    loaded = LlavaViTPackingModel.from_pretrained(tmp_path, **{kwarg: torch.bfloat16})
+    assert {p.dtype for p in loaded.parameters()} == {torch.bfloat16}
+    out = loaded(torch.randn(16, loaded.config.patch_dim), torch.tensor([[1, 4, 4]]))
+    assert out.last_hidden_state.dtype == torch.bfloat16
+
+
+def test_auto_classes(tmp_path):
+    LlavaViTPackingModel(LlavaViTPackingConfig(**TINY)).save_pretrained(tmp_path)
+    assert isinstance(AutoConfig.from_pretrained(tmp_path), LlavaViTPackingConfig)
+    assert isinstance(AutoModel.from_pretrained(tmp_path), LlavaViTPackingModel)
+    hf = llava_vit.LlavaViTModel(llava_vit.LlavaViTConfig(**TINY))
+    hf.save_pretrained(tmp_path / "twin")
+    assert isinstance(AutoModel.from_pretrained(tmp_path / "twin"), llava_vit.LlavaViTModel)
+
+
+def test_onevision_encoder_folder_loads_with_auto_model():
+    from conftest import GOLDEN_DIR
+
+    model = AutoModel.from_pretrained(GOLDEN_DIR / "ovtiny_hf")
+    assert isinstance(model, llava_vit.OneVisionEncoderModel)
+
+
+@pytest.mark.parametrize("name", sorted(PACKING_MODEL_NAMES))
+def test_packing_variants_have_the_table_shapes(name):
+    size = PACKING_MODEL_NAMES[name]
+    with torch.device("meta"):
+        model = timm.create_model(name)
+    v = VARIANTS[size]
+    assert isinstance(model, LlavaViTPackingModel)
+    assert model.patch_embed.proj.weight.shape == (v["hidden_size"], 3, v["patch_size"], v["patch_size"])
+    assert len(model.encoder.layers) == v["num_hidden_layers"]
+    layer = model.encoder.layers[0]
+    assert layer.self_attn.qkv.weight.shape == (3 * v["hidden_size"], v["hidden_size"])
+    assert layer.mlp.fc1.weight.shape == (v["intermediate_size"], v["hidden_size"])
+    assert layer.self_attn.num_heads == v["num_attention_heads"]
+    assert model.config.head_dim == {"giant": 96}.get(size, 64)
+
+
+@pytest.mark.parametrize("name", sorted(SOURCE_MODEL_NAMES))
+def test_source_variants_build_with_source_epsilons(name):
+    with torch.device("meta"):
+        model = timm.create_model(name)
+    size, norm = SOURCE_MODEL_NAMES[name]
+    assert len(model.transformer.layers) == VARIANTS[size]["num_hidden_layers"]
+    assert model.head.norm.eps is None
+    pre = model.ln_pre
+    if norm == "layer_norm":
+        assert isinstance(pre, torch.nn.LayerNorm) and pre.eps == 1e-5
+    else:
+        assert isinstance(pre, torch.nn.RMSNorm) and pre.eps is None
+
+
+def test_pretrained_true_is_refused_with_a_reason():
+    with pytest.raises(ValueError, match="no weights are bundled"):
+        timm.create_model("llava_vit_small_ln", pretrained=True)
+
+
+def test_small_variant_runs_end_to_end():
+    model = timm.create_model("hf_llava_vit_packing_small_ln").eval()
+    with torch.no_grad():
+        out = model(torch.randn(196 + 32, 768), torch.tensor([[1, 14, 14], [2, 4, 4]]))
+    assert out.last_hidden_state.shape == (228, 384) and out.pooler_output.shape == (2, 384)
+    assert torch.isfinite(out.last_hidden_state).all()

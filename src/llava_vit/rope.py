@@ -31,17 +31,23 @@ def rope_angles(positions: torch.Tensor, head_dim: int, theta: float = 10000.0) 
 def rope_cos_sin(
     positions: torch.Tensor, head_dim: int, theta: float = 10000.0, dtype: torch.dtype = torch.float32
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``cos`` and ``sin`` tables ``(N, 1, head_dim)`` in ``dtype``, ready to broadcast over heads."""
-    angles = rope_angles(positions, head_dim, theta)[:, None, :]
-    return angles.cos().to(dtype), angles.sin().to(dtype)
+    """Tables ``(cos, signed_sin)``, each ``(N, head_dim)`` in ``dtype``, for :func:`apply_rope`.
+
+    ``signed_sin`` carries the sign of the interleaved rotation (``-sin`` at even indices), so that
+    applying RoPE is one pair swap and one multiply-add.
+    """
+    angles = rope_angles(positions, head_dim, theta)
+    sin = angles.sin()
+    sin[:, 0::2].neg_()
+    return angles.cos().to(dtype), sin.to(dtype)
 
 
-def rotate_interleaved(x: torch.Tensor) -> torch.Tensor:
-    """``rot(x)[2j] = -x[2j+1]``, ``rot(x)[2j+1] = x[2j]`` on the last dimension."""
-    pairs = x.unflatten(-1, (-1, 2))
-    return torch.stack((-pairs[..., 1], pairs[..., 0]), dim=-1).flatten(-2)
+def swap_pairs(x: torch.Tensor) -> torch.Tensor:
+    """``(x[1], x[0], x[3], x[2], ...)`` on the last dimension."""
+    return x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate ``x`` (``(..., N, H, head_dim)``) by the tables from :func:`rope_cos_sin`."""
-    return x * cos + rotate_interleaved(x) * sin
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """Interleaved rotation ``x*cos(emb) + rot(x)*sin(emb)``, with ``rot(x)[2j] = -x[2j+1]`` and
+    ``rot(x)[2j+1] = x[2j]``; the tables (from :func:`rope_cos_sin`) must broadcast against ``x``."""
+    return torch.addcmul(x * cos, swap_pairs(x), signed_sin)

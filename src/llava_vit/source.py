@@ -73,8 +73,7 @@ def random_visible_indices(batch: int, num_tokens: int, mask_ratio: float, devic
 def rope_attention(q, k, v, positions: torch.Tensor, rope_theta: float) -> torch.Tensor:
     """Full attention over ``(B, N, H, hd)`` q/k/v with 3D RoPE at ``positions`` ``(B, N, 3)``."""
     batch, tokens, heads, head_dim = q.shape
-    cos, sin = rope_cos_sin(positions.reshape(-1, 3), head_dim, rope_theta, q.dtype)
-    cos, sin = cos.reshape(batch, tokens, 1, head_dim), sin.reshape(batch, tokens, 1, head_dim)
+    cos, sin = (t.reshape(batch, tokens, 1, head_dim) for t in rope_cos_sin(positions.reshape(-1, 3), head_dim, rope_theta, q.dtype))
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
     return out.transpose(1, 2).flatten(2)

@@ -9,6 +9,13 @@ from .positions import (
     compute_patch_positions_with_interpolated_temporal,
     interpolate_frame_indices,
 )
+from .processing import (
+    LlavaViTPackingImageProcessor,
+    batch_images_to_packing_input,
+    image_to_packing_input,
+    split_packed,
+    video_to_packing_input,
+)
 
 __version__ = "0.1.0"
 
@@ -27,4 +34,9 @@ __all__ = [
     "compute_patch_positions_from_grid_thw",
     "compute_patch_positions_with_interpolated_temporal",
     "interpolate_frame_indices",
+    "LlavaViTPackingImageProcessor",
+    "batch_images_to_packing_input",
+    "image_to_packing_input",
+    "split_packed",
+    "video_to_packing_input",
 ]

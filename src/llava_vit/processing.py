@@ -609,4 +609,12 @@ def video_to_packing_input(
     return sample.hidden_states, torch.tensor([sample.grid_thw], dtype=torch.long), sample.patch_positions
 
 
-AutoImageProcessor.register(LlavaViTPackingConfig, slow_image_processor_class=LlavaViTPackingImageProcessor, exist_ok=True)
+# One implementation (PIL + numpy) serves whichever backend AutoImageProcessor asks for.
+try:  # transformers >= 5
+    AutoImageProcessor.register(
+        LlavaViTPackingConfig,
+        image_processor_classes={"pil": LlavaViTPackingImageProcessor, "torchvision": LlavaViTPackingImageProcessor},
+        exist_ok=True,
+    )
+except TypeError:  # transformers 4.x
+    AutoImageProcessor.register(LlavaViTPackingConfig, slow_image_processor_class=LlavaViTPackingImageProcessor, exist_ok=True)

@@ -1,0 +1,553 @@
+#!/usr/bin/env python3
+"""Benchmark the packed LlavaViT encoder against the unpacked source model (DESIGN §9).
+
+For every workload (a list of ``[t, height_px, width_px]`` samples): random pixels per sample,
+patchified into one ``(seq, C*p*p)`` pack on the device, ``grid_thw`` on the CPU; the packed
+model's forward is timed under ``torch.inference_mode`` with CUDA events (median, min and max
+over ``--iters`` runs after ``--warmup``). In the same run, the unpacked source model with the
+same weights encodes the same pixels as "batch identical shapes, loop over the rest" (one forward
+per distinct ``[t, h, w]``; videos as ``(B, C, T, H, W)``, all frames visible), timed the same
+way, and the two outputs are compared. MFU divides the analytic FLOPs (:data:`FLOP_FORMULA`) by
+the time and by the bf16 matmul rate measured in this run. See docs/PERFORMANCE.md.
+
+Run from a checkout (the package need not be installed)::
+
+    python bench/bench.py --out outputs/bench          # all workloads, H100
+    python bench/bench.py --smoke --out /tmp/smoke     # tiny model on the CPU, seconds
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+BENCH_DIR = Path(__file__).resolve().parent
+REPO = BENCH_DIR.parent
+sys.path.insert(0, str(REPO / "src"))
+sys.path.insert(0, str(BENCH_DIR))
+
+import torch  # noqa: E402
+
+from llava_vit.attention import ATTN_IMPLEMENTATIONS, resolve_attn_implementation  # noqa: E402
+from llava_vit.configuration import LlavaViTConfig, LlavaViTPackingConfig  # noqa: E402
+from llava_vit.modeling import LlavaViTPackingModel  # noqa: E402
+from llava_vit.source import LlavaViT  # noqa: E402
+from llava_vit.variants import SOURCE_EPS, VARIANTS  # noqa: E402
+
+WORKLOADS_FILE = BENCH_DIR / "workloads.json"
+ANCHOR_FILE = BENCH_DIR / "anchor_h100.json"
+RESULTS_NAME = "bench_results.json"
+PLOT_NAME = "bench.png"
+
+TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=256, patch_size=14)
+"""The ``--smoke`` architecture (head_dim 32, the smallest the 3D RoPE allows)."""
+
+SMOKE_WORKLOADS: dict[str, list[list[int]]] = {
+    "smoke_images": [[1, 28, 42], [1, 28, 42], [1, 56, 28]],
+    "smoke_mixed": [[1, 42, 28], [2, 28, 28], [2, 28, 28], [1, 28, 28]],
+}
+
+FLOP_FORMULA = (
+    "multiply-adds count 2 FLOPs; N = total tokens, n_i = tokens of sample i, S = samples, D = hidden, "
+    "I = MLP width, L = layers, C*p*p = patch vector. "
+    "patch_embed = 2*N*(C*p*p)*D; "
+    "per layer: qkv 2*N*D*3D + proj 2*N*D*D + mlp 2*2*N*D*I + attention 2*2*D*sum_i(n_i^2) (QK^T and AV); "
+    "head: k/v projection 2*N*D*2D + probe attention 2*2*N*D + per sample (q projection 2*D*D, "
+    "out_proj 2*D*D, mlp 2*2*D*I). Norms, RoPE, softmax, GELU, biases and residual adds are not counted."
+)
+MFU_DEFINITION = (
+    "MFU = analytic FLOPs / median forward time / matmul rate measured in this run "
+    "(median of an n^3 torch.matmul on random data in the run's dtype; n = 8192, 256 with --smoke)"
+)
+PEAK_DEFINITION = (
+    "torch.cuda.max_memory_allocated over the timed forwards (reset after warm-up), nothing subtracted: "
+    "includes the weights (shared by both models), the input pixels of that model and the activations"
+)
+
+_PACKING_TO_TIMM = (
+    (r"^patch_embed\.proj\.weight$", "conv1.weight"),
+    (r"^layernorm_pre\.", "ln_pre."),
+    (r"^layernorm_post\.", "ln_post."),
+    (r"^encoder\.layers\.(\d+)\.layer_norm1\.", r"transformer.layers.\1.ln_1."),
+    (r"^encoder\.layers\.(\d+)\.layer_norm2\.", r"transformer.layers.\1.ln_2."),
+    (r"^encoder\.layers\.(\d+)\.self_attn\.qkv\.", r"transformer.layers.\1.attn.in_proj."),
+    (r"^encoder\.layers\.(\d+)\.self_attn\.proj\.", r"transformer.layers.\1.attn.out_proj."),
+    (r"^encoder\.layers\.(\d+)\.mlp\.fc1\.", r"transformer.layers.\1.mlp.0."),
+    (r"^encoder\.layers\.(\d+)\.mlp\.fc2\.", r"transformer.layers.\1.mlp.2."),
+    (r"^(head\..*)$", r"\1"),
+)
+
+MATMUL_ITERS = 50
+"""Timed runs of the matmul that gives the MFU denominator (about 1.5 ms each at 8192^3 on an H100)."""
+
+
+def log(*parts: object) -> None:
+    print(*parts, flush=True)
+
+
+# ---- workloads and FLOPs --------------------------------------------------------------------------
+
+
+def load_workloads(path: Path = WORKLOADS_FILE) -> tuple[int, dict[str, list[list[int]]]]:
+    """``(patch_size, {name: [[t, height_px, width_px], ...]})`` from a workloads file."""
+    data = json.loads(path.read_text())
+    return data["patch_size"], data["workloads"]
+
+
+def patch_grid(samples: Sequence[Sequence[int]], patch: int) -> list[tuple[int, int, int]]:
+    """``[t, h, w]`` patch grids of ``[t, height_px, width_px]`` samples."""
+    grids = []
+    for t, height, width in samples:
+        if height % patch or width % patch:
+            raise ValueError(f"sample {[t, height, width]}: height and width must be multiples of the patch size {patch}")
+        grids.append((t, height // patch, width // patch))
+    return grids
+
+
+def count_flops(lengths: Sequence[int], config: LlavaViTPackingConfig) -> dict[str, int]:
+    """Analytic forward FLOPs of the packed model on samples of ``lengths`` tokens (see :data:`FLOP_FORMULA`)."""
+    n, s = sum(lengths), len(lengths)
+    d, i, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
+    flops = {
+        "patch_embed": 2 * n * config.patch_dim * d,
+        "linear": layers * (2 * n * d * 3 * d + 2 * n * d * d + 2 * 2 * n * d * i),
+        "attention": layers * 2 * 2 * d * sum(m * m for m in lengths),
+        "head": 2 * n * d * 2 * d + 2 * 2 * n * d + s * (2 * d * d + 2 * d * d + 2 * 2 * d * i),
+    }
+    flops["total"] = sum(flops.values())
+    return flops
+
+
+# ---- models ---------------------------------------------------------------------------------------
+
+
+def packing_to_source_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Packed-layout tensors renamed to the timm source layout (inverse of ``to_packing_state_dict``)."""
+    out, unknown = {}, []
+    for key, tensor in state.items():
+        for pattern, repl in _PACKING_TO_TIMM:
+            if re.match(pattern, key):
+                out[re.sub(pattern, repl, key)] = tensor
+                break
+        else:
+            unknown.append(key)
+    if unknown:
+        raise ValueError(f"packed tensors with no place in the source layout: {sorted(unknown)}")
+    return out
+
+
+def build_models(
+    arch: dict[str, int], attn: str, dtype: torch.dtype, device: torch.device, with_source: bool
+) -> tuple[LlavaViTPackingModel, LlavaViT | None]:
+    """The packed model with random weights (seed 0) and, if asked, the source model sharing them.
+
+    Both use the source's norm epsilons, so the two compute the same function.
+    """
+    torch.manual_seed(0)
+    with torch.device(device):
+        packed = LlavaViTPackingModel(LlavaViTPackingConfig(**arch, **SOURCE_EPS["layer_norm"], attn_implementation=attn))
+    packed = packed.to(dtype).eval()
+    if not with_source:
+        return packed, None
+    with torch.device("meta"):
+        source = LlavaViT(LlavaViTConfig(**arch, **SOURCE_EPS["layer_norm"]))
+    source.load_state_dict(packing_to_source_state_dict(packed.state_dict()), strict=True, assign=True)
+    return packed, source.eval()
+
+
+def compile_packed(packed: LlavaViTPackingModel) -> Callable:
+    """The model's own opt-in compiled path (``compile_fused``) where it has one, else ``torch.compile`` of it all."""
+    if hasattr(packed, "compile_fused"):
+        return packed.compile_fused()
+    return torch.compile(packed)
+
+
+# ---- inputs ---------------------------------------------------------------------------------------
+
+
+def patchify(pixels: torch.Tensor, patch: int) -> torch.Tensor:
+    """``(C, T, H, W)`` pixels to ``(T*h*w, C*p*p)`` rows: raster token order, channel-major patches."""
+    c, t, height, width = pixels.shape
+    h, w = height // patch, width // patch
+    return pixels.reshape(c, t, h, patch, w, patch).permute(1, 2, 4, 0, 3, 5).reshape(t * h * w, c * patch * patch)
+
+
+def unpatchify(rows: torch.Tensor, grid: tuple[int, int, int], patch: int) -> torch.Tensor:
+    """Inverse of :func:`patchify` for a ``(t, h, w)`` patch grid."""
+    t, h, w = grid
+    c = rows.shape[1] // (patch * patch)
+    return rows.reshape(t, h, w, c, patch, patch).permute(3, 0, 1, 4, 2, 5).reshape(c, t, h * patch, w * patch)
+
+
+def make_pack(samples: Sequence[Sequence[int]], channels: int, patch: int, dtype, device, seed: int = 0) -> torch.Tensor:
+    """Random pixels ``(C, T, H, W)`` per sample, patchified and concatenated: ``(seq, C*p*p)``."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    return torch.cat([
+        patchify(torch.randn((channels, *sample), generator=gen, dtype=dtype, device=device), patch) for sample in samples
+    ])
+
+
+def shape_groups(grids: Sequence[tuple[int, int, int]]) -> dict[tuple[int, int, int], list[int]]:
+    """Sample indices per distinct patch grid, in order of first appearance."""
+    groups: dict[tuple[int, int, int], list[int]] = {}
+    for index, grid in enumerate(grids):
+        groups.setdefault(grid, []).append(index)
+    return groups
+
+
+def source_batches(pack: torch.Tensor, grids: Sequence[tuple[int, int, int]], patch: int) -> list[tuple[list[int], torch.Tensor]]:
+    """``(sample indices, pixels)`` per distinct grid: ``(B, C, H, W)`` images, ``(B, C, T, H, W)`` videos."""
+    starts = [0]
+    for t, h, w in grids:
+        starts.append(starts[-1] + t * h * w)
+    batches = []
+    for grid, indices in shape_groups(grids).items():
+        pixels = torch.stack([unpatchify(pack[starts[i]:starts[i + 1]], grid, patch) for i in indices])
+        batches.append((indices, pixels[:, :, 0] if grid[0] == 1 else pixels))
+    return batches
+
+
+# ---- timing ---------------------------------------------------------------------------------------
+
+
+def time_fn(fn: Callable[[], object], warmup: int, iters: int, device: torch.device) -> tuple[list[float], float | None]:
+    """Seconds of each of ``iters`` calls after ``warmup`` calls, and the peak GiB over them (CUDA only).
+
+    CUDA: an event pair around each call, one synchronize at the end. CPU: ``perf_counter``.
+    """
+    for _ in range(warmup):
+        fn()
+    if device.type != "cuda":
+        times = []
+        for _ in range(iters):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        return times, None
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(iters)]
+    for start, end in events:
+        start.record()
+        fn()
+        end.record()
+    torch.cuda.synchronize(device)
+    return [start.elapsed_time(end) / 1e3 for start, end in events], torch.cuda.max_memory_allocated(device) / 2**30
+
+
+def summarize(times: list[float], peak_gib: float | None, flops: int, tokens: int, matmul_flops_per_s: float) -> dict:
+    median = statistics.median(times)
+    return {
+        "median_ms": median * 1e3,
+        "min_ms": min(times) * 1e3,
+        "max_ms": max(times) * 1e3,
+        "times_ms": [t * 1e3 for t in times],
+        "tokens_per_s": tokens / median,
+        "tflops": flops / median / 1e12,
+        "mfu": flops / median / matmul_flops_per_s,
+        "peak_gib": peak_gib,
+    }
+
+
+def matmul_rate(n: int, dtype: torch.dtype, device: torch.device, warmup: int, iters: int) -> dict:
+    """Median rate of an ``n x n x n`` ``torch.matmul`` on random data in ``dtype``."""
+    gen = torch.Generator(device=device).manual_seed(1)
+    a = torch.randn(n, n, generator=gen, dtype=dtype, device=device)
+    b = torch.randn(n, n, generator=gen, dtype=dtype, device=device)
+    times, _ = time_fn(lambda: torch.matmul(a, b), warmup, iters, device)
+    median = statistics.median(times)
+    return {"n": n, "dtype": str(dtype).removeprefix("torch."), "median_ms": median * 1e3,
+            "times_ms": [t * 1e3 for t in times], "tflops": 2 * n**3 / median / 1e12}
+
+
+def free_memory(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+# ---- numerics -------------------------------------------------------------------------------------
+
+
+def compare_outputs(packed: torch.Tensor, source: torch.Tensor, packed_pool: torch.Tensor,
+                    source_pool: torch.Tensor) -> dict[str, float]:
+    """Cosine of the whole ``last_hidden_state``, the worst token's cosine and the worst pooled vector's."""
+    a, b = packed.float(), source.float()
+    dots, na, nb = ((a * b).sum(-1).double(), (a * a).sum(-1).double(), (b * b).sum(-1).double())
+    return {
+        "cosine_last_hidden_state": float(dots.sum() / (na.sum() * nb.sum()).sqrt()),
+        "min_token_cosine": float((dots / (na * nb).sqrt()).min()),
+        "max_abs_diff": float((a - b).abs().max()),
+        "min_pooled_cosine": float(torch.nn.functional.cosine_similarity(
+            packed_pool.float(), source_pool.float(), dim=-1).min()),
+    }
+
+
+# ---- one workload -----------------------------------------------------------------------------------
+
+
+def bench_workload(
+    name: str,
+    samples: list[list[int]],
+    packed_fn: Callable,
+    source: LlavaViT | None,
+    config: LlavaViTPackingConfig,
+    args: argparse.Namespace,
+    device: torch.device,
+    dtype: torch.dtype,
+    matmul_flops_per_s: float,
+    anchor: dict | None,
+) -> dict:
+    """Time the packed model (and the source baseline) on one workload; compare their outputs."""
+    patch = config.patch_size
+    grids = patch_grid(samples, patch)
+    lengths = [t * h * w for t, h, w in grids]
+    tokens = sum(lengths)
+    flops = count_flops(lengths, config)
+    result: dict = {
+        "samples": len(samples), "tokens": tokens, "distinct_shapes": len(shape_groups(grids)),
+        "attn_backend": resolve_attn_implementation(config._attn_implementation, device, dtype, tuple(lengths)),
+        "gflop": flops["total"] / 1e9, "gflop_breakdown": {k: v / 1e9 for k, v in flops.items() if k != "total"},
+    }
+    line = (f"[{name}] {len(samples)} samples, {result['distinct_shapes']} shapes, {tokens} tokens, "
+            f"attention {result['attn_backend']}, {result['gflop']:.1f} GFLOP")
+    if anchor is not None:
+        result["anchor_gflop"] = anchor["gflop"]
+        result["gflop_vs_anchor"] = result["gflop"] / anchor["gflop"] - 1
+        line += f" (anchor {anchor['gflop']:.1f}, {100 * result['gflop_vs_anchor']:+.4f}%)"
+    log(line)
+
+    grid_thw = torch.tensor(grids, dtype=torch.int64)  # stays on the CPU: no device sync per call
+    pack = make_pack(samples, config.num_channels, patch, dtype, device)
+    free_memory(device)
+    timed = dict(args=args, device=device, flops=flops["total"], tokens=tokens, matmul_flops_per_s=matmul_flops_per_s)
+    result["packed"] = time_model("packed", lambda: packed_fn(pack, grid_thw), **timed)
+    if source is None:
+        return result
+    check = "error" not in result["packed"]
+    if check:  # the reference output, kept on the host, out of the baseline's memory
+        out = packed_fn(pack, grid_thw)
+        packed_hidden, packed_pool = out.last_hidden_state.cpu(), out.pooler_output.cpu()
+        del out
+    batches = source_batches(pack, grids, patch)
+    del pack
+    free_memory(device)
+
+    def run_source() -> None:
+        for _, pixels in batches:
+            source(pixels)
+
+    result["baseline"] = time_model("baseline", run_source, **timed)
+    if "error" in result["baseline"]:
+        return result
+    result["baseline"]["forwards"] = len(batches)
+    if check:
+        result["speedup_vs_baseline"] = result["baseline"]["median_ms"] / result["packed"]["median_ms"]
+        starts = [0]
+        for n in lengths:
+            starts.append(starts[-1] + n)
+        source_hidden, source_pool = torch.empty_like(packed_hidden), torch.empty_like(packed_pool)
+        for indices, pixels in batches:
+            out = source(pixels)
+            hidden, pool = out["visible_embeddings"].cpu(), out["head_output"].cpu()
+            for j, i in enumerate(indices):
+                source_hidden[starts[i]:starts[i + 1]] = hidden[j]
+                source_pool[i] = pool[j]
+        result["numerics"] = compare_outputs(packed_hidden, source_hidden, packed_pool, source_pool)
+        log("  packed vs baseline ({}): ".format(str(dtype).removeprefix("torch."))
+            + ", ".join(f"{k} {v:.5f}" for k, v in result["numerics"].items()))
+    return result
+
+
+def time_model(label: str, fn: Callable[[], object], args: argparse.Namespace, device: torch.device, flops: int,
+               tokens: int, matmul_flops_per_s: float) -> dict:
+    """:func:`time_fn` of one model's forward(s), summarized and printed; ``{"error": ...}`` when out of memory."""
+    try:
+        times, peak = time_fn(fn, args.warmup, args.iters, device)
+    except torch.OutOfMemoryError as err:
+        log(f"  {label:8s} OUT OF MEMORY: {err}")
+        return {"error": f"out of memory: {err}"}
+    r = summarize(times, peak, flops, tokens, matmul_flops_per_s)
+    log(f"  {label:8s} {r['median_ms']:9.2f} ms (min {r['min_ms']:.2f}, max {r['max_ms']:.2f})  "
+        f"MFU {100 * r['mfu']:5.1f}%  {r['tokens_per_s']:,.0f} tok/s  peak {_gib(r['peak_gib'])}")
+    return r
+
+
+def _gib(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f} GiB"
+
+
+# ---- report -----------------------------------------------------------------------------------------
+
+
+def format_table(workloads: dict[str, dict]) -> str:
+    """Workload, packed ms / MFU, baseline ms / MFU, the original packing anchor, speedups, cosine."""
+    header = ("workload", "tokens", "packed ms", "MFU", "base ms", "MFU", "orig-pack ms*", "x base", "x orig*", "cosine")
+    rows = []
+    for name, r in workloads.items():
+        packed, base, anchor = r.get("packed", {}), r.get("baseline", {}), r.get("anchor")
+        orig_ms = anchor["original_packing"]["median_ms"] if anchor else None
+        rows.append((
+            name, str(r["tokens"]), _num(packed.get("median_ms")), _pct(packed.get("mfu")),
+            _num(base.get("median_ms")), _pct(base.get("mfu")), _num(orig_ms),
+            _num(r.get("speedup_vs_baseline"), "{:.2f}x"),
+            _num(orig_ms / packed["median_ms"] if orig_ms and "median_ms" in packed else None, "{:.2f}x"),
+            _num(r.get("numerics", {}).get("cosine_last_hidden_state"), "{:.5f}"),
+        ))
+    widths = [max(len(row[k]) for row in (header, *rows)) for k in range(len(header))]
+    lines = ["  ".join(cell.rjust(w) if k else cell.ljust(w) for k, (cell, w) in enumerate(zip(row, widths)))
+             for row in (header, *rows)]
+    lines.insert(1, "-" * len(lines[0]))
+    lines.append("* the original implementation's figures on an H100 (bench/anchor_h100.json), not this run")
+    return "\n".join(lines)
+
+
+def _num(value: float | None, fmt: str = "{:.1f}") -> str:
+    return "-" if value is None else fmt.format(value)
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.1f}%"
+
+
+def anchor_entry(anchors: dict, name: str) -> dict | None:
+    """The original implementation's figures for a workload, in this script's units."""
+    if name not in anchors.get("results", {}):
+        return None
+    entry = anchors["results"][name]
+    out = {"device": anchors.get("device"), "torch": anchors.get("torch"), "gflop": entry["gflop"]}
+    for key, label in (("upstream_packing", "original_packing"), ("upstream_unpacked_source", "unpacked_source")):
+        fig = entry[key]
+        out[label] = {"median_ms": fig["median_s"] * 1e3, "min_ms": fig["min_s"] * 1e3, "max_ms": fig["max_s"] * 1e3,
+                      "tokens_per_s": fig["tokens_per_s"], "mfu": fig["mfu_vs_ceiling"], "peak_gib": fig["peak_gib"]}
+    return out
+
+
+def environment(device: torch.device) -> dict:
+    import timm
+    import transformers
+
+    try:
+        commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
+                                text=True, timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    return {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "torch": torch.__version__, "cuda": torch.version.cuda, "transformers": transformers.__version__,
+        "timm": timm.__version__, "python": platform.python_version(), "git_commit": commit,
+        "time": time.strftime("%Y-%m-%d %H:%M:%S %z"),
+    }
+
+
+# ---- main -------------------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--workloads", nargs="+", default=None,
+                        help="workload names (space or comma separated); default: all of bench/workloads.json")
+    parser.add_argument("--variant", default="large", choices=sorted(VARIANTS), help="model size (default: large)")
+    parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
+    parser.add_argument("--warmup", type=int, default=3, help="untimed forwards before timing (default 3)")
+    parser.add_argument("--iters", type=int, default=10, help="timed forwards, at least 10 (default 10)")
+    parser.add_argument("--out", type=Path, default=REPO / "outputs" / "bench", help="folder for JSON results and plot")
+    parser.add_argument("--baseline", action=argparse.BooleanOptionalAction, default=True,
+                        help="also time the unpacked source model and compare outputs (default: on)")
+    parser.add_argument("--compile", action="store_true",
+                        help="packed model through its compile_fused() path (else torch.compile); baseline eager")
+    parser.add_argument("--attn", default="auto", choices=ATTN_IMPLEMENTATIONS, help="packed attention backend")
+    parser.add_argument("--smoke", action="store_true", help="tiny model and workloads on the CPU (CI check of this script)")
+    args = parser.parse_args(argv)
+    if args.iters < 10:
+        parser.error("--iters must be at least 10")
+    if args.warmup < 1:
+        parser.error("--warmup must be at least 1")
+    if args.workloads is not None:
+        args.workloads = [w for item in args.workloads for w in item.split(",") if w]
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    if args.smoke:
+        device, arch, matmul_n = torch.device("cpu"), dict(TINY), 256
+        patch, workloads = TINY["patch_size"], SMOKE_WORKLOADS
+        anchors: dict = {}
+    else:
+        if not torch.cuda.is_available():
+            sys.exit("no CUDA device: this benchmark times GPU forwards (use --smoke for a CPU check of the script)")
+        device, arch, matmul_n = torch.device("cuda"), dict(VARIANTS[args.variant]), 8192
+        patch, workloads = load_workloads()
+        anchors = json.loads(ANCHOR_FILE.read_text()) if args.variant == "large" else {}
+        if arch["patch_size"] != patch:
+            sys.exit(f"variant {args.variant} has patch size {arch['patch_size']}; the workloads need {patch}")
+    names = args.workloads or list(workloads)
+    unknown = [n for n in names if n not in workloads]
+    if unknown:
+        sys.exit(f"unknown workloads {unknown}; known: {sorted(workloads)}")
+    dtype = getattr(torch, args.dtype)
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    report: dict = {
+        "environment": environment(device),
+        "settings": {"variant": "tiny" if args.smoke else args.variant, "arch": arch, "dtype": args.dtype,
+                     "attn_requested": args.attn, "compile": args.compile, "warmup": args.warmup,
+                     "iters": args.iters, "baseline": args.baseline, "smoke": args.smoke},
+        "method": {"flop_formula": FLOP_FORMULA, "mfu": MFU_DEFINITION, "peak_memory": PEAK_DEFINITION,
+                   "timing": "CUDA events around each forward under torch.inference_mode; median, min, max",
+                   "baseline": "unpacked source model, same weights: one forward per distinct [t, h, w], "
+                               "videos as (B, C, T, H, W) with all frames visible"},
+        "workloads": {},
+    }
+    log(f"llava-vit bench on {report['environment']['device']} | torch {torch.__version__} | "
+        f"{report['settings']['variant']} {args.dtype} | attn {args.attn} | compile {args.compile}")
+
+    with torch.inference_mode():
+        matmul_iters = max(args.iters, MATMUL_ITERS)
+        report["matmul"] = matmul_rate(matmul_n, dtype, device, max(args.warmup, 10), matmul_iters)
+        matmul_flops_per_s = report["matmul"]["tflops"] * 1e12
+        log(f"matmul {matmul_n}^3 {args.dtype}: {report['matmul']['tflops']:.1f} TFLOP/s "
+            f"(median of {matmul_iters}; the MFU denominator)")
+        free_memory(device)
+
+        packed, source = build_models(arch, args.attn, dtype, device, args.baseline)
+        config = packed.config
+        packed_fn = compile_packed(packed) if args.compile else packed
+        report["weights_gib"] = sum(p.numel() * p.element_size() for p in packed.parameters()) / 2**30
+        log(f"model: {sum(p.numel() for p in packed.parameters()) / 1e6:.1f}M parameters, "
+            f"{report['weights_gib']:.2f} GiB")
+
+        for name in names:
+            anchor = anchor_entry(anchors, name)
+            result = bench_workload(name, workloads[name], packed_fn, source, config, args, device, dtype,
+                                    matmul_flops_per_s, anchor)
+            if anchor is not None:
+                result["anchor"] = anchor
+            report["workloads"][name] = result
+            (args.out / RESULTS_NAME).write_text(json.dumps(report, indent=2))
+            free_memory(device)
+
+    log("\n" + format_table(report["workloads"]))
+    log(f"results: {args.out / RESULTS_NAME}")
+    try:
+        from plot import plot_results
+    except ImportError as err:
+        log(f"no plot ({err}); make it later with: python bench/plot.py {args.out / RESULTS_NAME}")
+    else:
+        plot_results(report, args.out / PLOT_NAME)
+        log(f"plot: {args.out / PLOT_NAME}")
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -82,14 +82,22 @@ class _LlavaViTArchitecture(PretrainedConfig):
                 f"({self.num_attention_heads})"
             )
         if self.head_dim % 32:
+            valid = [n for n in range(1, self.hidden_size // 32 + 1) if self.hidden_size % (32 * n) == 0]
             raise ValueError(
-                f"head_dim = hidden_size / num_attention_heads = {self.head_dim}: the 3D RoPE splits "
-                f"head_dim/2 frequencies 4:6:6 over (t, h, w), so head_dim/2 must be divisible by 16"
+                f"head_dim = hidden_size / num_attention_heads = {self.hidden_size} / {self.num_attention_heads} = "
+                f"{self.head_dim}: the 3D RoPE splits head_dim/2 frequencies 4:6:6 over (t, h, w), so head_dim must "
+                f"be a multiple of 32 (num_attention_heads in {valid} for this hidden_size)"
             )
         if self.layer_norm_type not in ("layer_norm", "rms_norm"):
             raise ValueError(f"layer_norm_type must be 'layer_norm' or 'rms_norm', got {self.layer_norm_type!r}")
         if self.layer_norm_type == "layer_norm" and self.layer_norm_eps is None:
             raise ValueError("layer_norm_eps=None (machine epsilon) is only valid with layer_norm_type='rms_norm'")
+        for name in ("layer_norm_eps", "head_norm_eps"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0):
+                raise ValueError(f"{name} must be a non-negative number or None (machine epsilon), got {value!r}")
+        if isinstance(self.rope_theta, bool) or not isinstance(self.rope_theta, (int, float)) or not self.rope_theta > 0:
+            raise ValueError(f"rope_theta must be a positive number, got {self.rope_theta!r}")
         if self.hidden_act != "gelu":
             raise ValueError(f"hidden_act must be 'gelu' (the exact erf GELU it was trained with), got {self.hidden_act!r}")
 

@@ -183,6 +183,9 @@ class LlavaViTPackingModel(LlavaViTPackingPreTrainedModel):
             model, use :func:`~llava_vit.compute_patch_positions_with_interpolated_temporal`).
         output_hidden_states: also return the input of every layer plus the last layer's output.
         return_dict: return a ``BaseModelOutputWithPooling`` (default) or a tuple.
+
+    Tensors must be on the model's device or on the CPU (CPU inputs are copied over); any other
+    device raises ``ValueError``. Bad inputs raise before any kernel runs (docs/RELIABILITY.md).
     """
 
     def __init__(self, config: LlavaViTPackingConfig):
@@ -205,14 +208,13 @@ class LlavaViTPackingModel(LlavaViTPackingPreTrainedModel):
         config = self.config
         output_hidden_states = config.output_hidden_states if output_hidden_states is None else output_hidden_states
         return_dict = config.return_dict if return_dict is None else return_dict
-        lengths = check_packed_inputs(hidden_states, grid_thw, patch_positions, config.patch_dim)
-
         weight = self.patch_embed.proj.weight
         device, dtype = weight.device, weight.dtype
+        grid, lengths = check_packed_inputs(hidden_states, grid_thw, patch_positions, config.patch_dim, device)
         backend = resolve_attn_implementation(config._attn_implementation, device, dtype)
         seqs = PackedSeqs.from_lengths(lengths, device)
         if patch_positions is None:
-            patch_positions = compute_patch_positions_from_grid_thw(grid_thw.cpu())
+            patch_positions = compute_patch_positions_from_grid_thw(grid)
         cos, sin = rope_cos_sin(patch_positions.to(device, non_blocking=True), config.head_dim, config.rope_theta, dtype)
 
         x = self.layernorm_pre(self.patch_embed(hidden_states.to(device, non_blocking=True)))

@@ -1,37 +1,32 @@
 """RoPE positions of packed patches: from ``grid_thw``, and for videos in the 64-frame context.
 
-All helpers are vectorized and run on the device of their inputs.
+All helpers are vectorized and run on the device of their inputs. Arguments are validated as in
+:mod:`llava_vit.validation`: value checks (negative or out-of-range indices) apply to CPU tensors.
 """
 
 from __future__ import annotations
 
 import torch
 
+from .validation import check_grid_thw, check_integer_tensor, check_non_negative, check_positive_int
+
 SOURCE_TEMPORAL_CONTEXT = 64
 """Frames in the temporal context the source model was trained with."""
-
-
-def _as_grid(grid_thw: torch.Tensor) -> torch.Tensor:
-    if not isinstance(grid_thw, torch.Tensor):
-        raise TypeError(f"grid_thw must be a torch.Tensor of shape (num_samples, 3), got {type(grid_thw).__name__}")
-    if grid_thw.dim() != 2 or grid_thw.shape[1] != 3:
-        raise ValueError(f"grid_thw must have shape (num_samples, 3), got {tuple(grid_thw.shape)}")
-    if grid_thw.dtype.is_floating_point or grid_thw.dtype.is_complex or grid_thw.dtype == torch.bool:
-        raise TypeError(f"grid_thw must hold integers, got dtype {grid_thw.dtype}")
-    return grid_thw.long()
 
 
 def compute_patch_positions_from_grid_thw(grid_thw: torch.Tensor) -> torch.Tensor:
     """``(seq_len, 3)`` positions ``[t, h, w]`` in raster order (t slowest, w fastest).
 
-    t is the frame index 0..t-1 of each sample; ``seq_len = sum(t * h * w)``.
+    t is the frame index 0..t-1 of each sample; ``seq_len = sum(t * h * w)``. ``grid_thw`` is read
+    on the host once (no sync for a CPU tensor); an empty ``(0, 3)`` grid gives ``(0, 3)`` positions.
     """
-    grid = _as_grid(grid_thw)
-    if grid.shape[0] == 0:
+    total = int(check_grid_thw(grid_thw).prod(-1).sum())
+    grid = grid_thw.long()
+    if total == 0:
         return torch.zeros(0, 3, dtype=torch.long, device=grid.device)
     t, h, w = grid.unbind(-1)
     lengths = t * h * w
-    sample = torch.repeat_interleave(torch.arange(grid.shape[0], device=grid.device), lengths)
+    sample = torch.repeat_interleave(torch.arange(grid.shape[0], device=grid.device), lengths, output_size=total)
     starts = torch.cumsum(lengths, 0) - lengths
     local = torch.arange(sample.shape[0], device=grid.device) - starts[sample]
     hw = (h * w)[sample]
@@ -48,19 +43,28 @@ def interpolate_frame_indices(
     Returns ``[B, num_frames]`` long indices in ``[0, target_frames - 1]``; 8 frames give
     ``0, 9, 18, ..., 63``.
     """
-    if not isinstance(frame_indices, torch.Tensor) or frame_indices.dim() != 2:
-        raise ValueError(
-            f"frame_indices must be a 2-D tensor [B, num_frames], got "
-            f"{tuple(frame_indices.shape) if isinstance(frame_indices, torch.Tensor) else type(frame_indices).__name__}"
-        )
-    if isinstance(target_frames, bool) or not isinstance(target_frames, int) or target_frames < 1:
-        raise ValueError(f"target_frames must be a positive integer, got {target_frames!r}")
+    check_integer_tensor("frame_indices", frame_indices, "[B, num_frames]")
+    if frame_indices.dim() != 2:
+        raise ValueError(f"frame_indices must be 2-D [B, num_frames], got shape {tuple(frame_indices.shape)}")
+    target_frames = check_positive_int("target_frames", target_frames)
+    if isinstance(total_frames, torch.Tensor):
+        check_integer_tensor("total_frames", total_frames, "[B]")
+    else:
+        total_frames = check_positive_int("total_frames", total_frames)
     total = torch.as_tensor(total_frames, device=frame_indices.device).reshape(-1)
     if total.numel() not in (1, frame_indices.shape[0]):
         raise ValueError(
-            f"total_frames must have one entry per row of frame_indices ({frame_indices.shape[0]}), "
+            f"total_frames must have one entry per row of frame_indices ({frame_indices.shape[0]}) or one in all, "
             f"got {total.numel()}"
         )
+    if total.device.type == "cpu":
+        if bool((total < 1).any()):
+            raise ValueError(f"total_frames must be positive, got {total.tolist()}")
+        if bool(((frame_indices < 0) | (frame_indices >= total[:, None])).any()):
+            raise ValueError(
+                f"frame_indices must lie in [0, total_frames - 1] (total_frames = {total.tolist()}), got values "
+                f"from {frame_indices.min().item()} to {frame_indices.max().item()}"
+            )
     span = (total.to(torch.float64) - 1).clamp(min=1)[:, None]
     scaled = frame_indices.to(torch.float64) / span * (target_frames - 1)
     return scaled.round().long().clamp(0, target_frames - 1)
@@ -76,15 +80,16 @@ def compute_patch_positions_with_interpolated_temporal(
     """
     if not isinstance(interpolated_indices, torch.Tensor):
         interpolated_indices = torch.as_tensor(interpolated_indices)
+    check_integer_tensor("interpolated_indices", interpolated_indices, "[B, num_frames]")
     if interpolated_indices.dim() == 1:
         interpolated_indices = interpolated_indices[None]
     if interpolated_indices.dim() != 2:
         raise ValueError(
-            f"interpolated_indices must be [B, num_frames], got shape {tuple(interpolated_indices.shape)}"
+            f"interpolated_indices must be [B, num_frames] (or [num_frames]), got shape {tuple(interpolated_indices.shape)}"
         )
-    for name, value in (("h_patches", h_patches), ("w_patches", w_patches)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    check_non_negative("interpolated_indices", interpolated_indices)
+    h_patches = check_positive_int("h_patches", h_patches)
+    w_patches = check_positive_int("w_patches", w_patches)
     device = interpolated_indices.device if device is None else torch.device(device)
     t = interpolated_indices.to(device=device, dtype=torch.long).reshape(-1)
     hh = torch.arange(h_patches, device=device)

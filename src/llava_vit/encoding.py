@@ -225,7 +225,7 @@ class _Writer:
         self.entries.append(entry)
 
 
-def _read(processor: LlavaViTPackingImageProcessor, num_frames: int, path: Path):
+def _read(processor: LlavaViTPackingImageProcessor, num_frames: int | None, path: Path):
     """``(path, kind, sample or None, error or None)``. Any failure to read one input is reported,
     not raised, so that the other inputs go on."""
     kind = "video" if is_video_file(path) else "image"
@@ -259,7 +259,8 @@ def run_encode(args: argparse.Namespace) -> int:
     """The ``encode`` subcommand (arguments: see :func:`llava_vit.cli.build_parser`). Returns the exit status."""
     try:
         _check_positive("--max-tokens", args.max_tokens)
-        _check_positive("--frames", args.frames)
+        if args.frames is not None:
+            _check_positive("--frames", args.frames)
         device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
         encoder = load_encoder(args.model, device, dtype)
@@ -309,7 +310,7 @@ def run_encode(args: argparse.Namespace) -> int:
         "device": str(device),
         "dtype": str(dtype).removeprefix("torch."),
         "max_tokens": args.max_tokens,
-        "frames": args.frames,
+        "frames": args.frames or encoder.processor.num_frames,
         "inputs": writer.entries,
         "failed": [{"source": spec, "error": reason} for spec, reason in failures],
     }

@@ -133,19 +133,21 @@ def smart_resize(
 ) -> tuple[int, int]:
     """Qwen2-VL's pixel-budget rule: sides rounded to multiples of ``factor``, aspect ratio kept,
     and the area scaled into ``[min_pixels, max_pixels]`` when it falls outside (either bound may
-    be ``None``). Returns ``(height, width)``."""
+    be ``None``). ``max_pixels`` wins when both cannot hold; a side is never below ``factor``, so
+    only pictures thinner than ``factor**2 / max_pixels`` can pass the budget. Returns ``(height, width)``."""
     if height < 1 or width < 1:
         raise ValueError(f"image size must be positive, got {width}x{height}")
-    new_h = max(factor, round(height / factor) * factor)
-    new_w = max(factor, round(width / factor) * factor)
+
+    def scaled(area: float, rounding) -> tuple[int, int]:
+        beta = math.sqrt(area / (height * width))
+        return (max(factor, rounding(height * beta / factor) * factor),
+                max(factor, rounding(width * beta / factor) * factor))
+
+    new_h, new_w = max(factor, round(height / factor) * factor), max(factor, round(width / factor) * factor)
+    if min_pixels is not None and new_h * new_w < min_pixels:
+        new_h, new_w = scaled(min_pixels, math.ceil)
     if max_pixels is not None and new_h * new_w > max_pixels:
-        beta = math.sqrt(height * width / max_pixels)
-        new_h = max(factor, math.floor(height / beta / factor) * factor)
-        new_w = max(factor, math.floor(width / beta / factor) * factor)
-    elif min_pixels is not None and new_h * new_w < min_pixels:
-        beta = math.sqrt(min_pixels / (height * width))
-        new_h = math.ceil(height * beta / factor) * factor
-        new_w = math.ceil(width * beta / factor) * factor
+        new_h, new_w = scaled(max_pixels, math.floor)
     return new_h, new_w
 
 

@@ -6,6 +6,7 @@ Loading is always ``weights_only``: a pickle that needs code to load is refused.
 
 from __future__ import annotations
 
+import io
 import json
 import pickle
 import re
@@ -13,7 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
+from safetensors import safe_open
+from tqdm.auto import tqdm
 
 from .configuration import LlavaViTConfig, LlavaViTPackingConfig
 from .modeling import LlavaViTPackingModel
@@ -23,6 +25,8 @@ from .variants import SOURCE_EPS, SOURCE_MODEL_NAMES, VARIANTS
 ARCH_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_channels",
                "patch_size", "layer_norm_type", "use_head", "rope_theta", "image_size")
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
+PROGRESS_MIN_BYTES = 256 * 2**20
+"""Files at least this large show a progress bar while they are read."""
 
 
 class ConversionError(ValueError):
@@ -32,25 +36,57 @@ class ConversionError(ValueError):
 # ---- reading ----------------------------------------------------------------------------------
 
 
+class _ProgressFile(io.FileIO):
+    """A file opened for reading that moves ``bar`` to its read position (``torch.load`` reads with ``readinto``)."""
+
+    def __init__(self, path: Path, bar: tqdm):
+        super().__init__(path, "rb")
+        self._bar = bar
+
+    def read(self, size: int = -1) -> bytes:
+        data = super().read(size)
+        self._bar.update(self.tell() - self._bar.n)
+        return data
+
+    def readinto(self, buffer) -> int | None:
+        count = super().readinto(buffer)
+        self._bar.update(self.tell() - self._bar.n)
+        return count
+
+
+def _weights_only_reason(err: pickle.UnpicklingError) -> str:
+    """PyTorch's specific reason (e.g. the blocked global), without its advice to turn ``weights_only`` off."""
+    match = re.search(r"(?:Trying to load u|U)nsupported [^\n]*", str(err))
+    return match.group(0).split(". Please")[0].rstrip(".") if match else "not a plain state dict"
+
+
 def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
     """Tensors of a ``.pt/.pth/.bin/.safetensors`` file; ``{"model": sd}``/``{"state_dict": sd}`` unwrapped."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint file not found: {path}")
+    quiet = path.stat().st_size < PROGRESS_MIN_BYTES
     if path.suffix == ".safetensors":
         try:
-            return load_file(str(path))
+            with safe_open(str(path), framework="pt") as f:
+                return {k: f.get_tensor(k) for k in tqdm(f.keys(), desc=f"reading {path.name}", disable=quiet)}
         except Exception as err:
             raise ConversionError(f"{path} is not a readable safetensors file: {err}") from err
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if not (magic == b"PK\x03\x04" or magic[:1] == b"\x80"):  # torch.save's zip archive, or a binary pickle
+        raise ConversionError(f"{path} is not a PyTorch checkpoint: it is neither a torch.save zip archive nor a pickle")
     try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        raise ConversionError(
-            f"{path} refused: loading it would execute code or objects beyond plain tensors "
-            f"(torch.load weights_only=True rejected it: {str(err).splitlines()[0]}). Only plain state dicts "
-            f"are accepted; re-save the weights with torch.save(model.state_dict()) or as safetensors."
-        ) from err
+        with tqdm(total=path.stat().st_size, unit="B", unit_scale=True, desc=f"reading {path.name}",
+                  disable=quiet) as bar, _ProgressFile(path, bar) as f:
+            obj = torch.load(f, map_location="cpu", weights_only=True)
     except Exception as err:
+        if isinstance(err, pickle.UnpicklingError) and str(err).startswith("Weights only load failed"):
+            raise ConversionError(
+                f"{path} refused: loading it would execute code or build objects beyond plain tensors "
+                f"(torch.load weights_only=True rejected it: {_weights_only_reason(err)}). Only plain state dicts "
+                f"are accepted; re-save the weights with torch.save(model.state_dict()) or as safetensors."
+            ) from err
         raise ConversionError(f"{path} is not a PyTorch checkpoint: {type(err).__name__}: {err}") from err
     if isinstance(obj, dict):
         for wrapper in ("model", "state_dict"):
@@ -264,6 +300,23 @@ def packing_config_for(state, layout: str, hf_config: dict | None, config=None) 
     return LlavaViTPackingConfig(**{**arch, **eps}), how
 
 
+def convert_state_dict(
+    state: dict[str, torch.Tensor], layout: str, hf_config: dict | None = None, config=None, *, what: str = "checkpoint"
+) -> tuple[LlavaViTPackingModel, str]:
+    """The packed model holding ``state``'s tensors (not copied), and where its architecture came from.
+
+    ``state``, ``layout`` and ``hf_config`` are what :func:`read_checkpoint` returns; ``what``
+    names the checkpoint in errors.
+    """
+    packing_config, how = packing_config_for(state, layout, hf_config, config)
+    packed = to_packing_state_dict(state, layout)
+    with torch.device("meta"):
+        model = LlavaViTPackingModel(packing_config)
+    check_state_dict_matches(model, packed, what)
+    model.load_state_dict(packed, strict=True, assign=True)
+    return model.eval(), how
+
+
 def convert_checkpoint(src: str | Path, *, config: LlavaViTPackingConfig | LlavaViTConfig | None = None) -> LlavaViTPackingModel:
     """Build a :class:`LlavaViTPackingModel` from a timm-source file or an HF LlavaViT/OneVision-Encoder folder.
 
@@ -271,26 +324,21 @@ def convert_checkpoint(src: str | Path, *, config: LlavaViTPackingConfig | Llava
     Weights keep the checkpoint's dtype and are not copied (the model takes the loaded tensors).
     """
     state, layout, hf_config = read_checkpoint(src)
-    packing_config, _ = packing_config_for(state, layout, hf_config, config)
-    packed = to_packing_state_dict(state, layout)
-    with torch.device("meta"):
-        model = LlavaViTPackingModel(packing_config)
-    check_state_dict_matches(model, packed, f"checkpoint {src}")
-    model.load_state_dict(packed, strict=True, assign=True)
-    return model.eval()
+    return convert_state_dict(state, layout, hf_config, config, what=f"checkpoint {src}")[0]
 
 
 def build_source_model(src: str | Path, *, config: LlavaViTPackingConfig | LlavaViTConfig | None = None):
-    """The source model of a checkpoint (timm :class:`LlavaViT` or HF :class:`LlavaViTModel`), for verification."""
+    """The source model of a checkpoint (timm :class:`LlavaViT` or HF :class:`LlavaViTModel`), for verification.
+
+    Its parameters are the loaded tensors, upcast to float32 (no copy when they already are).
+    """
     state, layout, hf_config = read_checkpoint(src)
     packing_config, _ = packing_config_for(state, layout, hf_config, config)
     fields = {k: getattr(packing_config, k) for k in ARCH_FIELDS + ("layer_norm_eps", "head_norm_eps")}
-    if layout == "timm_source":
-        model = LlavaViT(LlavaViTConfig(**fields))
-    elif layout == "hf":
-        model = LlavaViTModel(LlavaViTConfig(**fields))
-    else:
+    if layout not in ("timm_source", "hf"):
         raise ConversionError("a packing checkpoint has no separate source model")
+    with torch.device("meta"):
+        model = (LlavaViT if layout == "timm_source" else LlavaViTModel)(LlavaViTConfig(**fields))
     check_state_dict_matches(model, state, f"checkpoint {src}")
-    model.load_state_dict(state, strict=True)
-    return model.eval()
+    model.load_state_dict(state, strict=True, assign=True)
+    return model.float().eval()

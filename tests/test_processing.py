@@ -26,7 +26,7 @@ from llava_vit import (
     video_to_packing_input,
 )
 from llava_vit.demo import write_video
-from llava_vit.processing import read_video, sample_frame_indices, smart_resize
+from llava_vit.processing import _decode_frames, read_video, sample_frame_indices, smart_resize
 
 PHOTOS = ("photo_2048x1365.jpg", "photo_rgba_1189x790.png")
 CLIPS = {"clip_1.mp4": (64, 256, 256), "clip_2.mp4": (20, 240, 428)}  # frames, height, width
@@ -139,7 +139,8 @@ def test_gray_and_float_arrays():
     # float pixels in [0, 1] give what the 8-bit ones give (no resize needed at 48 x 64)
     pixels = np.array(image.resize((64, 48)))
     as_float = torch.from_numpy(pixels).permute(2, 0, 1).float() / 255
-    torch.testing.assert_close(image_to_packing_input(as_float)[0], image_to_packing_input(pixels)[0], rtol=0, atol=1e-6)
+    torch.testing.assert_close(image_to_packing_input(as_float)[0], image_to_packing_input(pixels)[0],
+                               rtol=0, atol=1e-6)
     # float inputs are resized with the same PIL filter, channel by channel (without 8-bit clipping)
     ours = image_to_packing_input(np.asarray(image).astype(np.float32) / 255)[0]
     assert (ours - image_to_packing_input(image)[0]).abs().le(0.02).float().mean() > 0.99
@@ -227,7 +228,8 @@ def test_auto_image_processor_finds_it_in_a_converted_folder(tmp_path):
     (tmp_path / "preprocessor_config.json").write_text(json.dumps(CONVERTER_FIELDS))
     processor = AutoImageProcessor.from_pretrained(tmp_path)
     assert type(processor) is LlavaViTPackingImageProcessor
-    assert (processor.patch_size, processor.num_frames, processor.temporal_context, processor.resample) == (14, 8, 64, 3)
+    fields = (processor.patch_size, processor.num_frames, processor.temporal_context, processor.resample)
+    assert fields == (14, 8, 64, 3)
     assert processor.resize_mode == "floor"
 
 
@@ -265,7 +267,8 @@ def _numbered_frames(count: int) -> list[np.ndarray]:
     frames = []
     for i in range(count):
         digits = [(i // 8**k) % 8 for k in range(4)]
-        frames.append(np.repeat(np.repeat(np.array(digits, np.uint8) * 32 + 16, 16)[None], 16, 0)[..., None].repeat(3, -1))
+        row = np.repeat(np.array(digits, np.uint8) * 32 + 16, 16)
+        frames.append(np.broadcast_to(row[None, :, None], (16, 64, 3)).copy())
     return frames
 
 
@@ -282,6 +285,17 @@ def test_long_video_seeks_to_far_frames(tmp_path):
         assert clip.total_frames == 400
         assert [_read_number(frame) for frame in clip.frames] == list(clip.frame_indices)
         assert list(clip.frame_indices) == sample_frame_indices(400, num_frames)
+
+
+def test_uncounted_container_and_a_stream_shorter_than_claimed(tmp_path):
+    path = tmp_path / "numbered.mkv"  # Matroska records no frame count: frames are counted by demuxing
+    write_video(path, _numbered_frames(30), fps=10)
+    clip = read_video(path, 4)
+    assert clip.total_frames == 30 and clip.frame_indices == (0, 10, 19, 29)
+    assert [_read_number(frame) for frame in clip.frames] == [0, 10, 19, 29]
+    with av.open(str(path)) as container:  # metadata claiming more frames than there are: the last stands in
+        indices, frames = _decode_frames(container, container.streams.video[0], [0, 5, 100])
+    assert indices == [0, 5, 29] and [_read_number(frame) for frame in frames] == [0, 5, 29]
 
 
 def test_frame_lists_arrays_and_tensors_are_one_video():

@@ -33,7 +33,7 @@ from .variants import PACKING_MODEL_NAMES, VARIANTS, packing_config
 
 RANDOM_WEIGHTS_SEED = 0
 PREPROCESSOR_CONFIG = "preprocessor_config.json"
-MEDIA_EXTENSIONS = frozenset(ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN) | VIDEO_EXTENSIONS
+MEDIA_EXTENSIONS = VIDEO_EXTENSIONS | {ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN}
 """Files picked from folders and glob patterns (files named one by one are always tried)."""
 _PANEL = 320
 """Longest side, in pixels, of each frame and feature map in the pictures."""
@@ -149,7 +149,8 @@ def feature_picture(frames: np.ndarray, features: torch.Tensor, grid_thw: Sequen
     scale = _PANEL / max(height, width)
     panel = (max(1, round(width * scale)), max(1, round(height * scale)))
     pairs = [
-        (Image.fromarray(frame).resize(panel, Image.Resampling.BICUBIC), Image.fromarray(pca).resize(panel, Image.Resampling.NEAREST))
+        (Image.fromarray(frame).resize(panel, Image.Resampling.BICUBIC),
+         Image.fromarray(pca).resize(panel, Image.Resampling.NEAREST))
         for frame, pca in zip(frames, colors)
     ]
     font = ImageFont.load_default(13)
@@ -262,7 +263,8 @@ def run_encode(args: argparse.Namespace) -> int:
         if args.frames is not None:
             _check_positive("--frames", args.frames)
         device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+        default_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        dtype = getattr(torch, args.dtype) if args.dtype else default_dtype
         encoder = load_encoder(args.model, device, dtype)
     except (OSError, ValueError, RuntimeError) as error:
         print(f"llava-vit encode: error: {error}", file=sys.stderr)

@@ -2,16 +2,14 @@
 
 Every picture follows the seed's recipe: an RGB image, resized (by default each side floored to a
 patch multiple with PIL bicubic), then torchvision's ``ToTensor`` + ``Normalize`` and the seed's
-``(h, w, C, p, p)`` patch layout. It is computed faster but bit for bit the same: 8-bit pixels are
-first cut into patches (one byte each), then mapped through a 256-entry table per channel that
-holds exactly what ``ToTensor`` + ``Normalize`` give in float32. Videos are decoded with PyAV,
-converting only the sampled frames to RGB, and their frames are placed in the source model's
-64-frame temporal context (DESIGN §2, Positions).
+``(h, w, C, p, p)`` patch layout. The same float32 operations run once on the whole picture (or
+clip), on pixels put in patch order while they are still bytes, so results are bit-identical to
+the seed's. Videos are decoded with PyAV, converting only the sampled frames to RGB,
+and their frames are placed in the source model's 64-frame temporal context (DESIGN §2, Positions).
 """
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -238,29 +236,6 @@ def _positive_int(name: str, value) -> int:
     return int(value)
 
 
-@functools.lru_cache(maxsize=16)
-def _uint8_table(rescale_factor: float | None, mean: tuple[float, ...] | None, std: tuple[float, ...] | None) -> np.ndarray:
-    """``(3, 256)`` float32: what ``ToTensor`` (``v / 255``) then ``Normalize`` give for each 8-bit value.
-
-    The rescale is done in float64 and rounded once to float32, which equals float32 ``v / 255``
-    exactly (unlike float32 ``v * (1/255)``); mean and std are applied in float32 as torchvision does.
-    """
-    values = np.arange(256, dtype=np.float64)
-    if rescale_factor is not None:
-        values = values * rescale_factor
-    table = np.repeat(values.astype(np.float32)[None], 3, axis=0)
-    return table if mean is None else _normalize(table, mean, std, channel_axis=0)
-
-
-def _normalize(x: np.ndarray, mean: Sequence[float], std: Sequence[float], channel_axis: int) -> np.ndarray:
-    """``(x - mean) / std`` per channel, in float32, in place."""
-    shape = [1] * x.ndim
-    shape[channel_axis] = 3
-    x -= np.asarray(mean, dtype=np.float32).reshape(shape)
-    x /= np.asarray(std, dtype=np.float32).reshape(shape)
-    return x
-
-
 @dataclass(frozen=True)
 class PackedSample:
     """One image or video, patchified: its rows of the packed model inputs, and where they came from."""
@@ -305,7 +280,8 @@ class LlavaViTPackingImageProcessor(BaseImageProcessor):
     Args:
         patch_size: side of a square patch, in pixels (the model's ``patch_size``).
         image_mean, image_std: per-channel normalization (CLIP's by default).
-        do_rescale, rescale_factor: scale 8-bit pixels by ``rescale_factor`` (1/255) first.
+        do_rescale, rescale_factor: divide 8-bit pixels by ``1 / rescale_factor`` (255) first, as
+            ``ToTensor`` does.
             Floating-point inputs are taken as already in ``[0, 1]``, as ``ToTensor`` does.
         do_normalize: apply ``image_mean`` / ``image_std``.
         resample: PIL filter for resizing (3 = bicubic, the seed's).
@@ -372,7 +348,9 @@ class LlavaViTPackingImageProcessor(BaseImageProcessor):
     def _check_size(self, size) -> dict[str, int] | None:
         if self.resize_mode != "fixed":
             if size is not None:
-                raise ValueError(f"size is only used with resize_mode='fixed', got size={size!r} with {self.resize_mode!r}")
+                raise ValueError(
+                    f"size is only used with resize_mode='fixed', got size={size!r} with {self.resize_mode!r}"
+                )
             return None
         if isinstance(size, int) and not isinstance(size, bool):
             size = {"height": size, "width": size}
@@ -430,22 +408,21 @@ class LlavaViTPackingImageProcessor(BaseImageProcessor):
         return np.stack(channels, axis=-1)
 
     def _patchify(self, frames: np.ndarray) -> torch.Tensor:
-        """``(T, H, W, 3)`` resized frames → ``(T*h*w, 3*p*p)`` normalized float32 patches."""
+        """``(T, H, W, 3)`` resized frames → ``(T*h*w, 3*p*p)`` normalized float32 patches.
+
+        Exactly ``ToTensor`` (8-bit pixels divided by 255) and ``Normalize`` (subtract the mean,
+        divide by the std, in float32), applied to pixels already in patch order.
+        """
         p = self.patch_size
         t, height, width, channels = frames.shape
         h, w = height // p, width // p
-        layout = frames.reshape(t, h, p, w, p, channels).transpose(0, 1, 3, 5, 2, 4)  # (t, h, w, C, p, p)
-        mean, std = (tuple(self.image_mean), tuple(self.image_std)) if self.do_normalize else (None, None)
-        if frames.dtype == np.uint8:
-            table = _uint8_table(self.rescale_factor if self.do_rescale else None, mean, std)
-            patches = np.empty(layout.shape, dtype=np.float32)
-            for c in range(channels):
-                patches[:, :, :, c] = table[c][layout[:, :, :, c]]
-        else:
-            patches = np.array(layout, dtype=np.float32)
-            if mean is not None:
-                _normalize(patches, mean, std, channel_axis=3)
-        return torch.from_numpy(patches.reshape(t * h * w, channels * p * p))
+        layout = torch.from_numpy(frames).view(t, h, p, w, p, channels).permute(0, 1, 3, 5, 2, 4)  # (t, h, w, C, p, p)
+        patches = torch.empty(layout.shape, dtype=torch.float32).copy_(layout)
+        if frames.dtype == np.uint8 and self.do_rescale:
+            patches.div_(1 / self.rescale_factor)
+        if self.do_normalize:
+            patches.sub_(torch.tensor(self.image_mean).view(3, 1, 1)).div_(torch.tensor(self.image_std).view(3, 1, 1))
+        return patches.view(t * h * w, channels * p * p)
 
     def _sample(self, frames: list[Image.Image | np.ndarray], frame_indices, total_frames: int) -> PackedSample:
         original = _size_of(frames[0])
@@ -533,14 +510,15 @@ class LlavaViTPackingImageProcessor(BaseImageProcessor):
         return self.preprocess(images, videos, **kwargs)
 
     def to_pixels(self, hidden_states: torch.Tensor, grid_thw: Sequence[int]) -> np.ndarray:
-        """Undo patchify and normalization for one sample: ``(t, H, W, 3)`` uint8 frames, for pictures."""
+        """Undo patchify, normalization and rescaling for one sample: ``(t, H, W, 3)`` uint8 frames, for pictures."""
         t, h, w = (int(v) for v in grid_thw)
         p = self.patch_size
         x = hidden_states.detach().float().cpu().reshape(t, h, w, 3, p, p).permute(0, 1, 4, 2, 5, 3)
         x = x.reshape(t, h * p, w * p, 3)
         if self.do_normalize:
             x = x * torch.tensor(self.image_std) + torch.tensor(self.image_mean)
-        x = x / self.rescale_factor if self.do_rescale else x * 255
+        if self.do_rescale:
+            x = x / self.rescale_factor
         return x.round().clamp(0, 255).to(torch.uint8).numpy()
 
 
@@ -619,4 +597,6 @@ try:  # transformers >= 5
         exist_ok=True,
     )
 except TypeError:  # transformers 4.x
-    AutoImageProcessor.register(LlavaViTPackingConfig, slow_image_processor_class=LlavaViTPackingImageProcessor, exist_ok=True)
+    AutoImageProcessor.register(
+        LlavaViTPackingConfig, slow_image_processor_class=LlavaViTPackingImageProcessor, exist_ok=True
+    )

@@ -10,6 +10,7 @@ from __future__ import annotations
 import builtins
 import importlib
 import json
+import os
 import pickle
 import subprocess
 import sys
@@ -93,12 +94,17 @@ def test_golden_set_converts_and_reproduces(name, tmp_path, capsys):
 
 
 def test_output_folder_contents(tmp_path, capsys):
-    from transformers import AutoModel
+    from transformers import AutoImageProcessor, AutoModel
+
+    from llava_vit.processing import LlavaViTPackingImageProcessor
 
     output = tmp_path / "packed"
     code, out, _ = convert(capsys, source_path("ovtiny"), "--output-dir", output, "--dtype", "bfloat16")
     assert code == 0
     assert "bfloat16 vs float32 source" in out and out.count("[PASS]") == 4
+    umask = os.umask(0)
+    os.umask(umask)
+    assert {p.stat().st_mode & 0o777 for p in output.iterdir()} == {0o666 & ~umask}
     with safe_open(str(output / "model.safetensors"), "pt") as f:
         assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}
     assert json.loads((output / "config.json").read_text())["model_type"] == "llava_vit_packing"
@@ -111,6 +117,8 @@ def test_output_folder_contents(tmp_path, capsys):
     assert (pre["temporal_context"], pre["num_frames"], pre["resample"]) == (64, 8, 3)
     model = AutoModel.from_pretrained(output)
     assert isinstance(model, LlavaViTPackingModel) and model.dtype == torch.bfloat16
+    processor = AutoImageProcessor.from_pretrained(output)
+    assert isinstance(processor, LlavaViTPackingImageProcessor) and processor.patch_size == 14
 
 
 @torch.no_grad()

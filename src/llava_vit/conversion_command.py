@@ -42,10 +42,9 @@ from .positions import (
     compute_patch_positions_with_interpolated_temporal,
     interpolate_frame_indices,
 )
+from .processing import CLIP_MEAN, CLIP_STD, LlavaViTPackingImageProcessor
 from .variants import PACKING_MODEL_NAMES, SOURCE_MODEL_NAMES, packing_config, source_config
 
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 EPS_FIELDS = ("layer_norm_eps", "head_norm_eps")
 FLOAT32_MAX_ABS = 1e-4
@@ -181,24 +180,11 @@ def _eps(value: float | None) -> str:
 # ---- writing ----------------------------------------------------------------------------------
 
 
-def preprocessor_config(patch_size: int) -> dict:
-    """``preprocessor_config.json``: CLIP normalization, the patch size, and the video sampling defaults."""
-    return {
-        "image_processor_type": "LlavaViTPackingImageProcessor",
-        "patch_size": patch_size,
-        "image_mean": list(CLIP_MEAN),
-        "image_std": list(CLIP_STD),
-        "do_normalize": True,
-        "do_rescale": True,
-        "rescale_factor": 1 / 255,
-        "resample": 3,
-        "temporal_context": SOURCE_TEMPORAL_CONTEXT,
-        "num_frames": 8,
-    }
-
-
 def write_packing_folder(model: LlavaViTPackingModel, folder: Path, dtype: torch.dtype) -> int:
     """Write ``config.json``, ``model.safetensors`` in ``dtype`` and ``preprocessor_config.json``.
+
+    The preprocessor config is :class:`LlavaViTPackingImageProcessor`'s defaults (CLIP mean/std,
+    8 frames in the 64-frame context) with the model's patch size.
 
     Returns the size of the weights in bytes. Memory peaks at the model plus its cast copy (none
     when the dtype is unchanged).
@@ -209,8 +195,7 @@ def write_packing_folder(model: LlavaViTPackingModel, folder: Path, dtype: torch
     config.save_pretrained(folder)
     tensors = {k: v.detach().to(dtype).contiguous() for k, v in model.state_dict().items()}
     save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
-    preprocessor = json.dumps(preprocessor_config(config.patch_size), indent=2)
-    (folder / "preprocessor_config.json").write_text(preprocessor + "\n")
+    LlavaViTPackingImageProcessor(patch_size=config.patch_size).save_pretrained(folder)
     return sum(t.numel() * t.element_size() for t in tensors.values())
 
 

@@ -98,3 +98,23 @@ def test_forward_has_no_host_sync_with_cpu_grid():
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert out.pooler_output.shape == (3, 128)
+
+
+def test_rope_kernel_on_cuda_matches_reference():
+    from llava_vit.kernels import rope_qk
+    from llava_vit.rope import apply_rope, rope_cos_sin
+
+    n, heads, head_dim = 3000, 16, 64
+    cos, sin = rope_cos_sin(torch.randint(0, 64, (n, 3), device="cuda"), head_dim)
+    qkv = torch.randn(n, 3, heads, head_dim, device="cuda", dtype=torch.bfloat16)
+    ref = apply_rope(qkv[:, :2].float(), cos[:, None, None], sin[:, None, None])
+    q, k = rope_qk(qkv.clone(), cos, sin)
+    err = (torch.stack([q, k], 1).float() - ref).abs().max().item()
+    report("triton rope bf16 max abs vs float32 reference", err)
+    assert err <= 2e-2  # one bf16 rounding of O(4) values
+    x = qkv.float().requires_grad_()
+    grad = torch.randn(n, 2, heads, head_dim, device="cuda")
+    (torch.stack(rope_qk(x, cos, sin), 1) * grad).sum().backward()
+    x_ref = qkv.float().requires_grad_()
+    (apply_rope(x_ref[:, :2], cos[:, None, None], sin[:, None, None]) * grad).sum().backward()
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-5, atol=1e-5)

@@ -139,3 +139,6 @@ class OneVisionEncoderConfig(LlavaViTConfig):
     """The published OneVision-Encoder ``model_type``; same layout as :class:`LlavaViTConfig`."""
 
     model_type = "onevision_encoder"
+
+    def __init__(self, **kwargs):  # an own __init__ keeps transformers 5 from generating a dataclass one
+        super().__init__(**kwargs)

@@ -17,7 +17,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 from .attention import PackedSeqs, check_attn_implementation, resolve_attn_implementation, varlen_attention
 from .configuration import LlavaViTPackingConfig
 from .positions import compute_patch_positions_from_grid_thw
-from .rope import apply_rope, rope_cos_sin
+from .rope import RotaryTables
 from .validation import check_packed_inputs
 
 
@@ -50,10 +50,11 @@ class LlavaViTPackingAttentionLayer(nn.Module):
         self.qkv = nn.Linear(config.hidden_size, 3 * config.hidden_size)
         self.proj = nn.Linear(config.hidden_size, config.hidden_size)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, seqs: PackedSeqs, backend: str):
-        q, k, v = self.qkv(x).unflatten(-1, (3, self.num_heads, self.head_dim)).unbind(1)
-        out = varlen_attention(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v, seqs, seqs, backend)
-        return self.proj(out.flatten(1))
+    def project(self, x: torch.Tensor, rope: RotaryTables):
+        """``q, k, v`` ``(N, H, hd)``, with RoPE applied to q and k in one pass."""
+        qkv = self.qkv(x).unflatten(-1, (3, self.num_heads, self.head_dim))
+        q, k = rope.rotate_qk(qkv)
+        return q, k, qkv[:, 2]
 
 
 class LlavaViTPackingMLP(nn.Module):
@@ -68,7 +69,12 @@ class LlavaViTPackingMLP(nn.Module):
 
 
 class LlavaViTPackingEncoderLayer(nn.Module):
-    """Pre-norm residual block: ``x + attn(norm1(x))``, then ``x + mlp(norm2(x))``."""
+    """Pre-norm residual block: ``x + attn(norm1(x))``, then ``x + mlp(norm2(x))``.
+
+    Split around the attention kernel into :meth:`attention_inputs` and :meth:`finish`: the two
+    halves hold all the elementwise work and depend on no sequence lengths, so
+    :meth:`LlavaViTPackingModel.compile_fused` can compile them once for every pack.
+    """
 
     def __init__(self, config: LlavaViTPackingConfig):
         super().__init__()
@@ -77,9 +83,16 @@ class LlavaViTPackingEncoderLayer(nn.Module):
         self.layer_norm2 = make_norm(config, config.hidden_size)
         self.mlp = LlavaViTPackingMLP(config)
 
-    def forward(self, x, cos, sin, seqs: PackedSeqs, backend: str) -> torch.Tensor:
-        x = x + self.self_attn(self.layer_norm1(x), cos, sin, seqs, backend)
+    def attention_inputs(self, x: torch.Tensor, rope: RotaryTables):
+        return self.self_attn.project(self.layer_norm1(x), rope)
+
+    def finish(self, x: torch.Tensor, attn_out: torch.Tensor) -> torch.Tensor:
+        x = x + self.self_attn.proj(attn_out.flatten(1))
         return x + self.mlp(self.layer_norm2(x))
+
+    def forward(self, x: torch.Tensor, rope: RotaryTables, seqs: PackedSeqs, backend: str) -> torch.Tensor:
+        q, k, v = self.attention_inputs(x, rope)
+        return self.finish(x, varlen_attention(q, k, v, seqs, seqs, backend))
 
 
 class LlavaViTPackingEncoder(nn.Module):
@@ -88,15 +101,15 @@ class LlavaViTPackingEncoder(nn.Module):
         self.layers = nn.ModuleList(LlavaViTPackingEncoderLayer(config) for _ in range(config.num_hidden_layers))
         self.gradient_checkpointing = False
 
-    def forward(self, x, cos, sin, seqs: PackedSeqs, backend: str, output_hidden_states: bool = False):
+    def forward(self, x, rope: RotaryTables, seqs: PackedSeqs, backend: str, output_hidden_states: bool = False):
         states = []
         for layer in self.layers:
             if output_hidden_states:
                 states.append(x)
             if self.gradient_checkpointing and self.training:
-                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, seqs, backend, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(layer, x, rope, seqs, backend, use_reentrant=False)
             else:
-                x = layer(x, cos, sin, seqs, backend)
+                x = layer(x, rope, seqs, backend)
         if output_hidden_states:
             states.append(x)
         return x, tuple(states) if output_hidden_states else None
@@ -197,6 +210,16 @@ class LlavaViTPackingModel(LlavaViTPackingPreTrainedModel):
         self.head = LlavaViTPackingHead(config) if config.use_head else None
         self.post_init()
 
+    def compile_fused(self, **compile_kwargs) -> LlavaViTPackingModel:
+        """Opt in to ``torch.compile`` for the elementwise work of every layer (norms, RoPE, GELU,
+        residuals fused around the matmuls); the attention kernel stays outside the compiled code,
+        so packs of any lengths reuse one compilation. Returns ``self``."""
+        options = {"dynamic": True, **compile_kwargs}
+        for layer in self.encoder.layers:
+            layer.attention_inputs = torch.compile(layer.attention_inputs, **options)
+            layer.finish = torch.compile(layer.finish, **options)
+        return self
+
     def forward(
         self,
         hidden_states: torch.Tensor,
@@ -211,14 +234,14 @@ class LlavaViTPackingModel(LlavaViTPackingPreTrainedModel):
         weight = self.patch_embed.proj.weight
         device, dtype = weight.device, weight.dtype
         grid, lengths = check_packed_inputs(hidden_states, grid_thw, patch_positions, config.patch_dim, device)
-        backend = resolve_attn_implementation(config._attn_implementation, device, dtype)
+        backend = resolve_attn_implementation(config._attn_implementation, device, dtype, tuple(lengths))
         seqs = PackedSeqs.from_lengths(lengths, device)
         if patch_positions is None:
             patch_positions = compute_patch_positions_from_grid_thw(grid)
-        cos, sin = rope_cos_sin(patch_positions.to(device, non_blocking=True), config.head_dim, config.rope_theta, dtype)
+        rope = RotaryTables.build(patch_positions.to(device, non_blocking=True), config.head_dim, config.rope_theta, dtype)
 
         x = self.layernorm_pre(self.patch_embed(hidden_states.to(device, non_blocking=True)))
-        x, all_states = self.encoder(x, cos, sin, seqs, backend, output_hidden_states)
+        x, all_states = self.encoder(x, rope, seqs, backend, output_hidden_states)
         x = self.layernorm_post(x)
         pooled = None
         if self.head is not None:

@@ -8,7 +8,11 @@ rotated by *different* frequencies.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
+
+from .kernels import rope_qk, triton_available
 
 
 def rope_axis_sizes(head_dim: int) -> tuple[int, int, int]:
@@ -51,3 +55,29 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> 
     """Interleaved rotation ``x*cos(emb) + rot(x)*sin(emb)``, with ``rot(x)[2j] = -x[2j+1]`` and
     ``rot(x)[2j+1] = x[2j]``; the tables (from :func:`rope_cos_sin`) must broadcast against ``x``."""
     return torch.addcmul(x * cos, swap_pairs(x), signed_sin)
+
+
+@dataclass(frozen=True)
+class RotaryTables:
+    """The RoPE tables of one packed forward, built once and used by every layer.
+
+    On CUDA with Triton the rotation runs as one fused kernel (:func:`llava_vit.kernels.rope_qk`,
+    float32 tables); elsewhere, and inside ``torch.compile`` (which fuses it itself), as
+    :func:`apply_rope` in the compute dtype.
+    """
+
+    cos: torch.Tensor
+    sin: torch.Tensor
+    cos_compute: torch.Tensor
+    sin_compute: torch.Tensor
+
+    @classmethod
+    def build(cls, positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype) -> RotaryTables:
+        cos, sin = rope_cos_sin(positions, head_dim, theta)
+        return cls(cos, sin, cos.to(dtype)[:, None, None], sin.to(dtype)[:, None, None])
+
+    def rotate_qk(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rotated ``q, k`` ``(N, H, hd)`` from ``qkv`` ``(N, 3, H, hd)``."""
+        if qkv.is_cuda and triton_available() and not torch.compiler.is_compiling():
+            return rope_qk(qkv, self.cos, self.sin)
+        return apply_rope(qkv[:, :2], self.cos_compute, self.sin_compute).unbind(1)

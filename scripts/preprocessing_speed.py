@@ -5,7 +5,9 @@
 MEDIA_DIR defaults to ``../shared/media`` beside the repository (or ``$LLAVA_VIT_SHARED/media``).
 Prints per-item time and items/s (best and median of the repeats) of: the whole image path from the
 file, the same from an already decoded PIL image, the seed's recipe on that image, the two photos
-through the encode command's reader threads, and the 8-frame video path from each clip file.
+through the encode command's reader threads, square JPEGs cut from the first photo (the sizes of
+the GPU benchmark's workloads, to set against the model's images/s there), and the 8-frame video
+path from each clip file.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import tempfile
 import time
 from pathlib import Path
 
@@ -61,6 +64,7 @@ def main() -> None:
     parser.add_argument("media", nargs="?", type=Path, default=DEFAULT_MEDIA)
     parser.add_argument("--patch-size", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--squares", type=int, nargs="*", default=[224, 448], help="sides of the square JPEGs")
     args = parser.parse_args()
     processor = LlavaViTPackingImageProcessor(patch_size=args.patch_size)
     photos = sorted(args.media.glob("photo_*"))
@@ -75,9 +79,20 @@ def main() -> None:
             f"{path.name}: seed recipe from decoded PIL": lambda: seed_recipe(rgb, args.patch_size),
         }, args.repeats))
     batch = photos * 10
-    workers = min(4, os.cpu_count() or 1)
+    workers = min(8, os.cpu_count() or 1)
     read_all = lambda: list(_prefetched(lambda p: _read(processor, None, p), batch, workers))  # noqa: E731
     report(timings({f"both photos x10 from files, encode's {workers} reader threads": read_all}, 5), len(batch))
+    with tempfile.TemporaryDirectory() as folder, Image.open(photos[0]) as photo:
+        for side in args.squares:
+            squares = []
+            for i in range(20):  # different crops, so no decoder cache helps
+                left = i * (photo.width - photo.height) // 20
+                square = photo.crop((left, 0, left + photo.height, photo.height)).resize((side, side))
+                squares.append(Path(folder) / f"{side}_{i}.jpg")
+                square.save(squares[-1], quality=90)
+            read_squares = lambda squares=squares: list(  # noqa: E731
+                _prefetched(lambda p: _read(processor, None, p), squares, workers))
+            report(timings({f"{side}x{side} JPEGs from files, {workers} reader threads": read_squares}, 5), len(squares))
     report(timings({f"{path.name}: 8 frames from file": lambda path=path: processor.preprocess_video(path, 8)
                     for path in clips}, args.repeats), unit="videos")
 

@@ -285,7 +285,7 @@ def run_encode(args: argparse.Namespace) -> int:
 
         def readable() -> Iterator[tuple[Path, str, PackedSample]]:
             read = functools.partial(_read, encoder.processor, args.frames)
-            for path, kind, sample, error in _prefetched(read, files, workers=min(4, os.cpu_count() or 1)):
+            for path, kind, sample, error in _prefetched(read, files, workers=min(8, os.cpu_count() or 1)):
                 if error is None:
                     yield path, kind, sample
                     continue

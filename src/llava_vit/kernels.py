@@ -48,7 +48,7 @@ if triton is not None:
 
 def _launch_rope(
     src: torch.Tensor, dst: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, transpose: bool,
-    block_rows: int = 32, num_warps: int = 4,
+    block_rows: int = 16, num_warps: int = 4,
 ) -> None:
     """Rotate ``src`` ``(N, heads, hd)`` (any row stride, rows of heads contiguous) into ``dst``.
 

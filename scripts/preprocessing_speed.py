@@ -13,6 +13,7 @@ path from each clip file.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import statistics
 import tempfile
@@ -78,10 +79,16 @@ def main() -> None:
             f"{path.name}: from decoded PIL": lambda: processor.preprocess_image(rgb),
             f"{path.name}: seed recipe from decoded PIL": lambda: seed_recipe(rgb, args.patch_size),
         }, args.repeats))
-    batch = photos * 10
     workers = min(8, os.cpu_count() or 1)
-    read_all = lambda: list(_prefetched(lambda p: _read(processor, None, p), batch, workers))  # noqa: E731
-    report(timings({f"both photos x10 from files, encode's {workers} reader threads": read_all}, 5), len(batch))
+    read = functools.partial(_read, processor, None)
+
+    def read_files(paths: list[Path]) -> None:
+        """Through the encode command's reader threads."""
+        list(_prefetched(read, paths, workers))
+
+    batch = photos * 10
+    label = f"both photos x10 from files, {workers} reader threads"
+    report(timings({label: lambda: read_files(batch)}, 5), len(batch))
     with tempfile.TemporaryDirectory() as folder, Image.open(photos[0]) as photo:
         for side in args.squares:
             squares = []
@@ -90,9 +97,8 @@ def main() -> None:
                 square = photo.crop((left, 0, left + photo.height, photo.height)).resize((side, side))
                 squares.append(Path(folder) / f"{side}_{i}.jpg")
                 square.save(squares[-1], quality=90)
-            read_squares = lambda squares=squares: list(  # noqa: E731
-                _prefetched(lambda p: _read(processor, None, p), squares, workers))
-            report(timings({f"{side}x{side} JPEGs from files, {workers} reader threads": read_squares}, 5), len(squares))
+            label = f"{side}x{side} JPEGs from files, {workers} reader threads"
+            report(timings({label: lambda: read_files(squares)}, 5), len(squares))
     report(timings({f"{path.name}: 8 frames from file": lambda path=path: processor.preprocess_video(path, 8)
                     for path in clips}, args.repeats), unit="videos")
 

@@ -63,7 +63,7 @@ def test_folder_of_mixed_inputs(model_dir, media, tmp_path, capsys):
     index = json.loads((out / "index.json").read_text())
     names = sorted(entry["source"].split("/")[-1] for entry in index["inputs"])
     assert names == ["clip.mp4", "cmyk.jpg", "gray.png", "palette.png", "rgba.png", "rotated.jpg"]
-    assert index["failed"] == [] and index["weights"] == "pretrained weights"
+    assert index["failed"] == [] and index["weights"] == "checkpoint weights"
     # in path order, 35 tokens an image, 96 the clip: cmyk+gray, the clip alone (over budget), palette+rgba, rotated
     assert "6 of 6 inputs in 4 forward passes" in stdout
 
@@ -131,6 +131,9 @@ def test_bad_arguments_exit_2(media, tmp_path, capsys):
     assert "neither a model folder nor a variant name" in capsys.readouterr().err
     assert encode(media / "gray.png", "--model", "small", "--max-tokens", "0", "--output", tmp_path) == 2
     assert "--max-tokens must be a positive integer, got 0" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert encode(media / "gray.png", "--model", "small", "--device", "cuda", "--output", tmp_path) == 2
+        assert "no CUDA GPU is available" in capsys.readouterr().err
 
 
 def test_bundled_media(model_dir, media_dir, tmp_path, capsys):

@@ -51,7 +51,7 @@ class Encoder:
 
     @property
     def weights(self) -> str:
-        return f"random weights (seed {RANDOM_WEIGHTS_SEED})" if self.random_weights else "pretrained weights"
+        return f"random weights (seed {RANDOM_WEIGHTS_SEED})" if self.random_weights else "checkpoint weights"
 
 
 def load_encoder(model: str, device: torch.device, dtype: torch.dtype) -> Encoder:
@@ -185,7 +185,8 @@ class _Writer:
         self._stems.add(stem)
         return stem
 
-    def write(self, path: Path, kind: str, sample: PackedSample, features: torch.Tensor, pooled: torch.Tensor | None):
+    def write(self, path: Path, kind: str, sample: PackedSample, features: torch.Tensor,
+              pooled: torch.Tensor | None) -> None:
         stem = self._stem(path)
         tensors = {
             "patch_features": features.contiguous(),
@@ -263,6 +264,8 @@ def run_encode(args: argparse.Namespace) -> int:
         if args.frames is not None:
             _check_positive("--frames", args.frames)
         device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"--device {args.device}: no CUDA GPU is available here (use --device cpu)")
         default_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         dtype = getattr(torch, args.dtype) if args.dtype else default_dtype
         encoder = load_encoder(args.model, device, dtype)
@@ -319,7 +322,7 @@ def run_encode(args: argparse.Namespace) -> int:
     (output / "index.json").write_text(json.dumps(index, indent=2) + "\n")
     print(
         f"encoded {len(writer.entries)} of {len(writer.entries) + len(failures)} inputs in {passes} forward "
-        f"passes ({tokens} tokens, {elapsed:.1f} s) with {label}\nwrote {output}/ (index.json, one .safetensors"
+        f"pass{'' if passes == 1 else 'es'} ({tokens} tokens, {elapsed:.1f} s) with {label}\nwrote {output}/ (index.json, one .safetensors"
         f"{' and .png' if args.visualize else ''} per input)"
     )
     if failures:

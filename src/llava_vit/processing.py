@@ -131,8 +131,9 @@ def smart_resize(
 ) -> tuple[int, int]:
     """Qwen2-VL's pixel-budget rule: sides rounded to multiples of ``factor``, aspect ratio kept,
     and the area scaled into ``[min_pixels, max_pixels]`` when it falls outside (either bound may
-    be ``None``). ``max_pixels`` wins when both cannot hold; a side is never below ``factor``, so
-    only pictures thinner than ``factor**2 / max_pixels`` can pass the budget. Returns ``(height, width)``."""
+    be ``None``). ``max_pixels`` wins when both cannot hold. A side is never below ``factor``, so a
+    strip longer than ``max_pixels / factor**2`` patches can exceed ``max_pixels``. Returns
+    ``(height, width)``."""
     if height < 1 or width < 1:
         raise ValueError(f"image size must be positive, got {width}x{height}")
 

@@ -35,7 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
     encode.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None)
     encode.add_argument("--max-tokens", type=int, default=16384, help="token budget of one packed forward pass")
     encode.add_argument("--frames", type=int, default=None,
-                        help="frames sampled uniformly from each video (default: the model folder's preprocessor_config.json, else 8)")
+                        help="frames sampled uniformly from each video "
+                             "(default: the model folder's preprocessor_config.json, else 8)")
     encode.add_argument("--output", default="llava_vit_features", help="output folder")
     encode.add_argument("--visualize", action="store_true", help="write a PCA picture of the patch features per input")
     return parser

@@ -22,7 +22,6 @@ import argparse
 import gc
 import json
 import platform
-import re
 import statistics
 import subprocess
 import sys
@@ -39,6 +38,7 @@ import torch  # noqa: E402
 
 from llava_vit.attention import ATTN_IMPLEMENTATIONS, resolve_attn_implementation  # noqa: E402
 from llava_vit.configuration import LlavaViTConfig, LlavaViTPackingConfig  # noqa: E402
+from llava_vit.convert import to_timm_source_state_dict  # noqa: E402
 from llava_vit.modeling import LlavaViTPackingModel  # noqa: E402
 from llava_vit.source import LlavaViT  # noqa: E402
 from llava_vit.variants import SOURCE_EPS, VARIANTS  # noqa: E402
@@ -71,19 +71,6 @@ MFU_DEFINITION = (
 PEAK_DEFINITION = (
     "torch.cuda.max_memory_allocated over the timed forwards (reset after warm-up), nothing subtracted: "
     "includes the weights (shared by both models), the input pixels of that model and the activations"
-)
-
-_PACKING_TO_TIMM = (
-    (r"^patch_embed\.proj\.weight$", "conv1.weight"),
-    (r"^layernorm_pre\.", "ln_pre."),
-    (r"^layernorm_post\.", "ln_post."),
-    (r"^encoder\.layers\.(\d+)\.layer_norm1\.", r"transformer.layers.\1.ln_1."),
-    (r"^encoder\.layers\.(\d+)\.layer_norm2\.", r"transformer.layers.\1.ln_2."),
-    (r"^encoder\.layers\.(\d+)\.self_attn\.qkv\.", r"transformer.layers.\1.attn.in_proj."),
-    (r"^encoder\.layers\.(\d+)\.self_attn\.proj\.", r"transformer.layers.\1.attn.out_proj."),
-    (r"^encoder\.layers\.(\d+)\.mlp\.fc1\.", r"transformer.layers.\1.mlp.0."),
-    (r"^encoder\.layers\.(\d+)\.mlp\.fc2\.", r"transformer.layers.\1.mlp.2."),
-    (r"^(head\..*)$", r"\1"),
 )
 
 MATMUL_ITERS = 50
@@ -130,21 +117,6 @@ def count_flops(lengths: Sequence[int], config: LlavaViTPackingConfig) -> dict[s
 # ---- models ---------------------------------------------------------------------------------------
 
 
-def packing_to_source_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Packed-layout tensors renamed to the timm source layout (inverse of ``to_packing_state_dict``)."""
-    out, unknown = {}, []
-    for key, tensor in state.items():
-        for pattern, repl in _PACKING_TO_TIMM:
-            if re.match(pattern, key):
-                out[re.sub(pattern, repl, key)] = tensor
-                break
-        else:
-            unknown.append(key)
-    if unknown:
-        raise ValueError(f"packed tensors with no place in the source layout: {sorted(unknown)}")
-    return out
-
-
 def build_models(
     arch: dict[str, int], attn: str, dtype: torch.dtype, device: torch.device, with_source: bool
 ) -> tuple[LlavaViTPackingModel, LlavaViT | None]:
@@ -160,7 +132,7 @@ def build_models(
         return packed, None
     with torch.device("meta"):
         source = LlavaViT(LlavaViTConfig(**arch, **SOURCE_EPS["layer_norm"]))
-    source.load_state_dict(packing_to_source_state_dict(packed.state_dict()), strict=True, assign=True)
+    source.load_state_dict(to_timm_source_state_dict(packed.state_dict()), strict=True, assign=True)
     return packed, source.eval()
 
 

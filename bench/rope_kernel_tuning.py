@@ -6,30 +6,17 @@ torch reference ``apply_rope`` in bf16.
 
 from __future__ import annotations
 
-import statistics
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 
+from attention_kernels import time_ms  # noqa: E402
 from llava_vit.kernels import _launch_rope  # noqa: E402
 from llava_vit.rope import apply_rope, rope_cos_sin  # noqa: E402
-
-
-def time_ms(fn, iters: int = 30) -> float:
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
 
 
 def main() -> None:

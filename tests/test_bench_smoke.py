@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from llava_vit.configuration import LlavaViTPackingConfig
-from llava_vit.convert import to_packing_state_dict
+from llava_vit.convert import to_packing_state_dict, to_timm_source_state_dict
 
 BENCH_DIR = Path(__file__).resolve().parents[1] / "bench"
 
@@ -91,7 +91,7 @@ def test_workloads_file_is_the_shared_one():
 def test_source_state_dict_inverts_the_converter():
     packed, source = bench.build_models(dict(bench.TINY), "sdpa", torch.float32, torch.device("cpu"), True)
     state = packed.state_dict()
-    back = to_packing_state_dict(bench.packing_to_source_state_dict(state), "timm_source")
+    back = to_packing_state_dict(to_timm_source_state_dict(state), "timm_source")
     assert back.keys() == state.keys()
     assert all(back[k] is state[k] for k in state)
     assert source.conv1.weight.data_ptr() == packed.patch_embed.proj.weight.data_ptr()  # weights shared

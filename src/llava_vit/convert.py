@@ -192,18 +192,32 @@ def _resolve_architecture(state, layout, config) -> tuple[dict[str, Any], str]:
 
 # ---- key mapping --------------------------------------------------------------------------------
 
-_TIMM_TO_PACKING = (
-    (r"^conv1\.weight$", "patch_embed.proj.weight"),
-    (r"^ln_pre\.", "layernorm_pre."),
-    (r"^ln_post\.", "layernorm_post."),
-    (r"^transformer\.layers\.(\d+)\.ln_1\.", r"encoder.layers.\1.layer_norm1."),
-    (r"^transformer\.layers\.(\d+)\.ln_2\.", r"encoder.layers.\1.layer_norm2."),
-    (r"^transformer\.layers\.(\d+)\.attn\.in_proj\.", r"encoder.layers.\1.self_attn.qkv."),
-    (r"^transformer\.layers\.(\d+)\.attn\.out_proj\.", r"encoder.layers.\1.self_attn.proj."),
-    (r"^transformer\.layers\.(\d+)\.mlp\.0\.", r"encoder.layers.\1.mlp.fc1."),
-    (r"^transformer\.layers\.(\d+)\.mlp\.2\.", r"encoder.layers.\1.mlp.fc2."),
-    (r"^(head\..*)$", r"\1"),
+_TIMM_PACKING_NAMES = (
+    ("conv1.weight", "patch_embed.proj.weight"),
+    ("ln_pre.", "layernorm_pre."),
+    ("ln_post.", "layernorm_post."),
+    ("transformer.layers.{i}.ln_1.", "encoder.layers.{i}.layer_norm1."),
+    ("transformer.layers.{i}.ln_2.", "encoder.layers.{i}.layer_norm2."),
+    ("transformer.layers.{i}.attn.in_proj.", "encoder.layers.{i}.self_attn.qkv."),
+    ("transformer.layers.{i}.attn.out_proj.", "encoder.layers.{i}.self_attn.proj."),
+    ("transformer.layers.{i}.mlp.0.", "encoder.layers.{i}.mlp.fc1."),
+    ("transformer.layers.{i}.mlp.2.", "encoder.layers.{i}.mlp.fc2."),
+    ("head.", "head."),
 )
+"""timm-source name prefix -> packed name prefix (``{i}`` is the layer index): a pure renaming."""
+
+
+def _prefix_rules(pairs, reverse: bool = False) -> tuple[tuple[str, str], ...]:
+    """Regex rules renaming the prefixes of ``pairs`` (left to right, or right to left)."""
+    rules = []
+    for old, new in pairs:
+        old, new = (new, old) if reverse else (old, new)
+        rules.append(("^" + re.escape(old).replace(r"\{i\}", r"(\d+)"), new.replace("{i}", r"\1")))
+    return tuple(rules)
+
+
+_TIMM_TO_PACKING = _prefix_rules(_TIMM_PACKING_NAMES)
+_PACKING_TO_TIMM = _prefix_rules(_TIMM_PACKING_NAMES, reverse=True)
 _HF_TO_PACKING = (
     (r"^embeddings\.patch_embedding\.weight$", "patch_embed.proj.weight"),
     (r"^(layernorm_pre|layernorm_post)\.", r"\1."),
@@ -214,18 +228,10 @@ _HF_TO_PACKING = (
 _HF_QKV = re.compile(r"^encoder\.layers\.(\d+)\.self_attn\.([qkv])_proj\.(weight|bias)$")
 
 
-def to_packing_state_dict(state: dict[str, torch.Tensor], layout: str) -> dict[str, torch.Tensor]:
-    """Rename (and for HF, fuse q/k/v into ``qkv``) every tensor; unknown keys are an error."""
-    if layout == "packing":
-        return dict(state)
-    rules = _TIMM_TO_PACKING if layout == "timm_source" else _HF_TO_PACKING
-    out: dict[str, torch.Tensor] = {}
-    qkv: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
-    unknown = []
+def _rename(state: dict[str, torch.Tensor], rules, what: str) -> dict[str, torch.Tensor]:
+    """Apply the first matching regex rule to every key; a key no rule matches is an error."""
+    out, unknown = {}, []
     for key, tensor in state.items():
-        if layout == "hf" and (m := _HF_QKV.match(key)):
-            qkv.setdefault((m.group(1), m.group(3)), {})[m.group(2)] = tensor
-            continue
         for pattern, repl in rules:
             if re.match(pattern, key):
                 out[re.sub(pattern, repl, key)] = tensor
@@ -233,13 +239,35 @@ def to_packing_state_dict(state: dict[str, torch.Tensor], layout: str) -> dict[s
         else:
             unknown.append(key)
     if unknown:
-        raise ConversionError(f"{len(unknown)} checkpoint tensors have no place in the model: {sorted(unknown)}")
+        raise ConversionError(f"{len(unknown)} {what}: {sorted(unknown)}")
+    return out
+
+
+def to_packing_state_dict(state: dict[str, torch.Tensor], layout: str) -> dict[str, torch.Tensor]:
+    """Rename (and for HF, fuse q/k/v into ``qkv``) every tensor; unknown keys are an error."""
+    if layout == "packing":
+        return dict(state)
+    qkv: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
+    rest = {}
+    for key, tensor in state.items():
+        if layout == "hf" and (m := _HF_QKV.match(key)):
+            qkv.setdefault((m.group(1), m.group(3)), {})[m.group(2)] = tensor
+        else:
+            rest[key] = tensor
+    rules = _TIMM_TO_PACKING if layout == "timm_source" else _HF_TO_PACKING
+    out = _rename(rest, rules, "checkpoint tensors have no place in the model")
     for (layer, kind), parts in sorted(qkv.items()):
         if set(parts) != {"q", "k", "v"}:
             missing = [f"encoder.layers.{layer}.self_attn.{p}_proj.{kind}" for p in "qkv" if p not in parts]
             raise ConversionError(f"incomplete attention projections: missing {missing}")
         out[f"encoder.layers.{layer}.self_attn.qkv.{kind}"] = torch.cat([parts["q"], parts["k"], parts["v"]])
     return out
+
+
+def to_timm_source_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Packed-layout tensors renamed to the timm source layout (the inverse of
+    ``to_packing_state_dict(state, "timm_source")``); tensors are shared, not copied."""
+    return _rename(state, _PACKING_TO_TIMM, "packed tensors have no place in the timm source layout")
 
 
 def check_state_dict_matches(model: torch.nn.Module, state: dict[str, torch.Tensor], what: str) -> None:

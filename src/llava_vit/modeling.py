@@ -28,6 +28,25 @@ def make_norm(config, dim: int) -> nn.Module:
     return nn.LayerNorm(dim, eps=config.layer_norm_eps)
 
 
+@torch.no_grad()
+def init_weights(module: nn.Module, std: float) -> None:
+    """Fresh-model init shared by the packed and source encoders: truncated-normal matrices, zero
+    biases, unit norms; the attention-pooling ``in_proj_weight`` and ``probe`` like matrices."""
+    if isinstance(module, (nn.Linear, nn.Conv2d)):
+        nn.init.trunc_normal_(module.weight, std=std)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
+        nn.init.ones_(module.weight)
+        if getattr(module, "bias", None) is not None:
+            nn.init.zeros_(module.bias)
+    if isinstance(getattr(module, "in_proj_weight", None), nn.Parameter):
+        nn.init.trunc_normal_(module.in_proj_weight, std=std)
+        nn.init.zeros_(module.in_proj_bias)
+    if isinstance(getattr(module, "probe", None), nn.Parameter):
+        nn.init.trunc_normal_(module.probe, std=std)
+
+
 class LlavaViTPackingPatchEmbed(nn.Module):
     """``Conv2d(C, D, p, stride=p, bias=False)`` on channel-major patch vectors, as one matmul."""
 
@@ -165,22 +184,8 @@ class LlavaViTPackingPreTrainedModel(PreTrainedModel):
         """Accept this model's backends (see :mod:`llava_vit.attention`); ``None`` means ``"auto"``."""
         return check_attn_implementation(attn_implementation)
 
-    @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
-        std = self.config.initializer_range
-        if isinstance(module, (nn.Linear, nn.Conv2d)):
-            nn.init.trunc_normal_(module.weight, std=std)
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
-        elif isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
-            nn.init.ones_(module.weight)
-            if getattr(module, "bias", None) is not None:
-                nn.init.zeros_(module.bias)
-        elif isinstance(module, MultiheadAttentionPoolingParams):
-            nn.init.trunc_normal_(module.in_proj_weight, std=std)
-            nn.init.zeros_(module.in_proj_bias)
-        elif isinstance(module, LlavaViTPackingHead):
-            nn.init.trunc_normal_(module.probe, std=std)
+        init_weights(module, self.config.initializer_range)
 
 
 class LlavaViTPackingModel(LlavaViTPackingPreTrainedModel):

@@ -24,7 +24,7 @@ from transformers import PreTrainedModel
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from .configuration import LlavaViTConfig, OneVisionEncoderConfig
-from .modeling import make_norm
+from .modeling import init_weights, make_norm
 from .rope import apply_rope, rope_cos_sin
 
 
@@ -249,22 +249,8 @@ class LlavaViTModel(PreTrainedModel):
             raise ValueError(f"LlavaViTModel runs attention through SDPA only, got {attn_implementation!r}")
         return "sdpa"
 
-    @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
-        std = self.config.initializer_range
-        if isinstance(module, (nn.Linear, nn.Conv2d)):
-            nn.init.trunc_normal_(module.weight, std=std)
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
-        elif isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
-            nn.init.ones_(module.weight)
-            if getattr(module, "bias", None) is not None:
-                nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.MultiheadAttention):
-            nn.init.trunc_normal_(module.in_proj_weight, std=std)
-            nn.init.zeros_(module.in_proj_bias)
-        elif isinstance(module, AttentionPoolingHead):
-            nn.init.trunc_normal_(module.probe, std=std)
+        init_weights(module, self.config.initializer_range)
 
     def forward(
         self,

@@ -29,7 +29,7 @@ def main() -> None:
         tables = cos.to(torch.bfloat16)[:, None, None], sin.to(torch.bfloat16)[:, None, None]
         ref_ms = time_ms(lambda: apply_rope(qkv[:, :2], *tables))
         print(f"tokens {tokens}: torch reference {ref_ms:.3f} ms ({moved / ref_ms / 1e6:.0f} GB/s)", flush=True)
-        for block_rows in (16, 32, 64, 128):
+        for block_rows in (4, 8, 16, 32, 64):
             for num_warps in (2, 4, 8):
                 ms = time_ms(lambda: _launch_rope(qk, qk, cos, sin, False, block_rows, num_warps))
                 print(f"  block_rows {block_rows:4d} warps {num_warps}: {ms:.3f} ms ({moved / ms / 1e6:.0f} GB/s)", flush=True)

@@ -27,23 +27,27 @@ if triton is not None:
     @triton.jit
     def _rope_kernel(
         src_ptr, dst_ptr, cos_ptr, sin_ptr, num_rows, src_row_stride, dst_row_stride,
-        HEAD_DIM: tl.constexpr, HEAD_DIM_POW2: tl.constexpr, BLOCK_ROWS: tl.constexpr, TRANSPOSE: tl.constexpr,
+        HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_POW2: tl.constexpr, BLOCK_ROWS: tl.constexpr,
+        TRANSPOSE: tl.constexpr,
     ):
-        """One (row block, head) tile: ``dst = src*cos + src[i^1]*sin[i]`` (forward) or its transpose
-        ``dst = src*cos + src[i^1]*sin[i^1]`` (the gradient)."""
+        """``BLOCK_ROWS`` tokens, every head: ``dst = src*cos + src[i^1]*sin[i]`` (forward) or its
+        transpose ``dst = src*cos + src[i^1]*sin[i^1]`` (the gradient). The tables are read once
+        per token and reused for all heads."""
         rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)[:, None]
         cols = tl.arange(0, HEAD_DIM_POW2)[None, :]
         mask = (rows < num_rows) & (cols < HEAD_DIM)
-        head = tl.program_id(1) * HEAD_DIM
         rows64 = rows.to(tl.int64)
-        src = src_ptr + rows64 * src_row_stride + head
-        x = tl.load(src + cols, mask=mask).to(tl.float32)
-        partner = tl.load(src + (cols ^ 1), mask=mask).to(tl.float32)
         table = rows64 * HEAD_DIM
         cos = tl.load(cos_ptr + table + cols, mask=mask)
         sin = tl.load(sin_ptr + table + ((cols ^ 1) if TRANSPOSE else cols), mask=mask)
-        out = x * cos + partner * sin
-        tl.store(dst_ptr + rows64 * dst_row_stride + head + cols, out.to(dst_ptr.dtype.element_ty), mask=mask)
+        src_rows = src_ptr + rows64 * src_row_stride
+        dst_rows = dst_ptr + rows64 * dst_row_stride
+        for head in tl.range(0, HEADS):
+            offset = head * HEAD_DIM
+            x = tl.load(src_rows + offset + cols, mask=mask).to(tl.float32)
+            partner = tl.load(src_rows + offset + (cols ^ 1), mask=mask).to(tl.float32)
+            out = x * cos + partner * sin
+            tl.store(dst_rows + offset + cols, out.to(dst_ptr.dtype.element_ty), mask=mask)
 
 
 def _launch_rope(
@@ -52,14 +56,13 @@ def _launch_rope(
 ) -> None:
     """Rotate ``src`` ``(N, heads, hd)`` (any row stride, rows of heads contiguous) into ``dst``.
 
-    Grid: one program per ``block_rows`` tokens and head (``bench/rope_kernel_tuning.py`` picks the
-    default tile on an H100).
+    One program per ``block_rows`` tokens (``bench/rope_kernel_tuning.py`` picks the default tile
+    on an H100).
     """
     num_rows, heads, head_dim = src.shape
-    grid = (triton.cdiv(num_rows, block_rows), heads)
-    _rope_kernel[grid](
+    _rope_kernel[(triton.cdiv(num_rows, block_rows),)](
         src, dst, cos, sin, num_rows, src.stride(0), dst.stride(0),
-        HEAD_DIM=head_dim, HEAD_DIM_POW2=triton.next_power_of_2(head_dim), BLOCK_ROWS=block_rows,
+        HEADS=heads, HEAD_DIM=head_dim, HEAD_DIM_POW2=triton.next_power_of_2(head_dim), BLOCK_ROWS=block_rows,
         TRANSPOSE=transpose, num_warps=num_warps,
     )
 

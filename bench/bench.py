@@ -136,13 +136,6 @@ def build_models(
     return packed, source.eval()
 
 
-def compile_packed(packed: LlavaViTPackingModel) -> Callable:
-    """The model's own opt-in compiled path (``compile_fused``) where it has one, else ``torch.compile`` of it all."""
-    if hasattr(packed, "compile_fused"):
-        return packed.compile_fused()
-    return torch.compile(packed)
-
-
 # ---- inputs ---------------------------------------------------------------------------------------
 
 
@@ -436,7 +429,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--baseline", action=argparse.BooleanOptionalAction, default=True,
                         help="also time the unpacked source model and compare outputs (default: on)")
     parser.add_argument("--compile", action="store_true",
-                        help="packed model through its compile_fused() path (else torch.compile); baseline eager")
+                        help="packed model through its compile_fused() path; baseline eager")
     parser.add_argument("--attn", default="auto", choices=ATTN_IMPLEMENTATIONS, help="packed attention backend")
     parser.add_argument("--smoke", action="store_true", help="tiny model and workloads on the CPU (CI check of this script)")
     args = parser.parse_args(argv)
@@ -494,7 +487,7 @@ def main(argv: list[str] | None = None) -> dict:
 
         packed, source = build_models(arch, args.attn, dtype, device, args.baseline)
         config = packed.config
-        packed_fn = compile_packed(packed) if args.compile else packed
+        packed_fn = packed.compile_fused() if args.compile else packed
         report["weights_gib"] = sum(p.numel() * p.element_size() for p in packed.parameters()) / 2**30
         log(f"model: {sum(p.numel() for p in packed.parameters()) / 1e6:.1f}M parameters, "
             f"{report['weights_gib']:.2f} GiB")

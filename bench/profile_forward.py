@@ -26,7 +26,7 @@ def main() -> None:
     patch, workloads = bench.load_workloads()
     device = torch.device("cuda")
     packed, _ = bench.build_models(bench.VARIANTS["large"], "auto", torch.bfloat16, device, with_source=False)
-    forward = bench.compile_packed(packed) if args.compile else packed
+    forward = packed.compile_fused() if args.compile else packed
     grids = bench.patch_grid(workloads[args.workload], patch)
     pack = bench.make_pack(workloads[args.workload], 3, patch, torch.bfloat16, device)
     grid_thw = torch.tensor(grids)

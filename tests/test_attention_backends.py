@@ -119,3 +119,18 @@ def test_attn_implementation_from_pretrained_kwarg(tmp_path):
     loaded = LlavaViTPackingModel.from_pretrained(tmp_path, attn_implementation="sdpa")
     assert loaded.config._attn_implementation == "sdpa"
     assert LlavaViTPackingModel.from_pretrained(tmp_path).config._attn_implementation == "auto"
+
+
+def test_training_after_inference_mode_on_the_same_pack_shapes():
+    """Cached SDPA index tensors made under inference_mode must not poison a later backward."""
+    from model_pairs import source_and_packed
+
+    _, model = source_and_packed(seed=4)
+    grid = torch.tensor([[1, 2, 3], [1, 3, 3], [1, 2, 3]])
+    hs = torch.randn(int(grid.prod(-1).sum()), model.config.patch_dim)
+    with torch.inference_mode():
+        model(hs, grid)
+    model.train()
+    out = model(hs, grid)
+    (out.last_hidden_state.square().mean() + out.pooler_output.square().mean()).backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())

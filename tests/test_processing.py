@@ -144,6 +144,10 @@ def test_gray_and_float_arrays():
     # float inputs are resized with the same PIL filter, channel by channel (without 8-bit clipping)
     ours = image_to_packing_input(np.asarray(image).astype(np.float32) / 255)[0]
     assert (ours - image_to_packing_input(image)[0]).abs().le(0.02).float().mean() > 0.99
+    # float pixels outside [0, 1] (0..255 floats, or already normalized) are refused, not misread
+    for wrong in (pixels.astype(np.float32), (pixels.astype(np.float32) / 255 - 0.5) / 0.25):
+        with pytest.raises(ValueError, match=r"must be in \[0, 1\]"):
+            image_to_packing_input(wrong)
 
 
 def test_bad_inputs_name_the_argument():

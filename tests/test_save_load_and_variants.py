@@ -94,3 +94,14 @@ def test_small_variant_runs_end_to_end():
         out = model(torch.randn(196 + 32, 768), torch.tensor([[1, 14, 14], [2, 4, 4]]))
     assert out.last_hidden_state.shape == (228, 384) and out.pooler_output.shape == (2, 384)
     assert torch.isfinite(out.last_hidden_state).all()
+
+
+def test_timm_factory_refuses_unknown_keyword_arguments():
+    with pytest.raises(TypeError, match="unknown keyword arguments \\['drop_path_rate'\\]"):
+        timm.create_model("hf_llava_vit_packing_small_ln", drop_path_rate=0.1)
+    assert len(timm.create_model("llava_vit_small_ln", num_hidden_layers=2).transformer.layers) == 2
+
+
+def test_config_refuses_dropout_it_does_not_implement():
+    with pytest.raises(ValueError, match="attention_dropout must be 0.0"):
+        LlavaViTPackingConfig(**TINY, attention_dropout=0.1)

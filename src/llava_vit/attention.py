@@ -156,7 +156,8 @@ def _shape_groups(lengths_q: tuple[int, ...], lengths_k: tuple[int, ...], device
         rows_q, rows_k = groups.setdefault((lq, lk), ([], []))
         rows_q.extend(range(sq, sq + lq))
         rows_k.extend(range(sk, sk + lk))
-    return {
-        shape: (torch.tensor(rq, device=device), torch.tensor(rk, device=device))
-        for shape, (rq, rk) in groups.items()
-    }
+    with torch.inference_mode(False):  # cached across calls: must stay usable by autograd later
+        return {
+            shape: (torch.tensor(rq, device=device), torch.tensor(rk, device=device))
+            for shape, (rq, rk) in groups.items()
+        }

@@ -98,6 +98,11 @@ class _LlavaViTArchitecture(PretrainedConfig):
                 raise ValueError(f"{name} must be a non-negative number or None (machine epsilon), got {value!r}")
         if isinstance(self.rope_theta, bool) or not isinstance(self.rope_theta, (int, float)) or not self.rope_theta > 0:
             raise ValueError(f"rope_theta must be a positive number, got {self.rope_theta!r}")
+        if self.attention_dropout != 0.0:
+            raise ValueError(
+                f"attention_dropout must be 0.0: the encoder has no dropout (it is an inference/fine-tuning "
+                f"encoder of pretrained weights), got {self.attention_dropout!r}"
+            )
         if self.hidden_act != "gelu":
             raise ValueError(f"hidden_act must be 'gelu' (the exact erf GELU it was trained with), got {self.hidden_act!r}")
 

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from .configuration import LlavaViTConfig, LlavaViTPackingConfig
 from .modeling import LlavaViTPackingModel
 from .source import LlavaViT, LlavaViTModel
-from .variants import SOURCE_EPS, SOURCE_MODEL_NAMES, VARIANTS
+from .variants import SOURCE_EPS, VARIANTS
 
 ARCH_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_channels",
                "patch_size", "layer_norm_type", "use_head", "rope_theta", "image_size")
@@ -170,11 +170,16 @@ def infer_architecture(state: dict[str, torch.Tensor], layout: str) -> tuple[dic
     return arch, "ambiguous"
 
 
+_READ_FROM_SHAPES = ("hidden_size", "num_channels", "patch_size", "num_hidden_layers", "intermediate_size",
+                     "layer_norm_type", "use_head")
+"""The fields :func:`infer_architecture` reads from tensors; the head count it only guesses."""
+
+
 def _resolve_architecture(state, layout, config) -> tuple[dict[str, Any], str]:
     shapes, how = infer_architecture(state, layout)
     if config is not None:
         given = {k: getattr(config, k) for k in ARCH_FIELDS if hasattr(config, k)}
-        clash = {k: (given[k], v) for k, v in shapes.items() if k in given and given[k] != v}
+        clash = {k: (given[k], shapes[k]) for k in _READ_FROM_SHAPES if k in given and given[k] != shapes[k]}
         if clash:
             raise ConversionError(
                 "the given config does not match the checkpoint's shapes: "
@@ -314,7 +319,7 @@ def packing_config_for(state, layout: str, hf_config: dict | None, config=None) 
     HF folder: its ``config.json`` (``layer_norm_eps`` for every norm, head included).
     """
     if hf_config is not None and config is None:
-        config = LlavaViTConfig(**{k: v for k, v in hf_config.items() if k in ARCH_FIELDS + ("layer_norm_eps",)})
+        config = LlavaViTConfig(**{k: v for k, v in hf_config.items() if k in ARCH_FIELDS + ("layer_norm_eps", "hidden_act")})
         how = "the folder's config.json"
         arch, _ = _resolve_architecture(state, layout, config)
     else:
@@ -336,6 +341,10 @@ def convert_state_dict(
     ``state``, ``layout`` and ``hf_config`` are what :func:`read_checkpoint` returns; ``what``
     names the checkpoint in errors.
     """
+    if layout == "packing":
+        raise ConversionError(
+            f"{what} is already in the packed layout: load it with LlavaViTPackingModel.from_pretrained"
+        )
     packing_config, how = packing_config_for(state, layout, hf_config, config)
     packed = to_packing_state_dict(state, layout)
     with torch.device("meta"):

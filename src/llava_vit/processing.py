@@ -22,7 +22,6 @@ import torch
 from PIL import ExifTags, Image, ImageOps
 from transformers import AutoImageProcessor, BatchFeature
 from transformers.image_processing_utils import BaseImageProcessor
-from transformers.processing_utils import ImagesKwargs
 
 from .configuration import LlavaViTPackingConfig
 from .positions import (
@@ -115,6 +114,12 @@ def _pixels(image: ImageInput, name: str) -> Image.Image | np.ndarray:
     if array.dtype == np.uint8:
         return array
     if np.issubdtype(array.dtype, np.floating):
+        low, high = (float(array.min()), float(array.max())) if array.size else (0.0, 0.0)
+        if low < 0.0 or high > 1.0:
+            raise ValueError(
+                f"{name}: floating-point pixels must be in [0, 1] (what ToTensor gives), got values in "
+                f"[{low:.3g}, {high:.3g}]; pass uint8 pixels (0..255) or divide by 255 (not normalized pixels)"
+            )
         return np.ascontiguousarray(array, dtype=np.float32)
     raise TypeError(f"{name} pixels must be uint8 (0..255) or floating point (0..1), got dtype {array.dtype}")
 
@@ -258,17 +263,6 @@ class PackedSample:
         return self.hidden_states.shape[0]
 
 
-class LlavaViTPackingImageProcessorKwargs(ImagesKwargs, total=False):
-    """Options of :class:`LlavaViTPackingImageProcessor` beyond the standard image-processor ones."""
-
-    patch_size: int
-    resize_mode: str
-    min_pixels: int | None
-    max_pixels: int | None
-    temporal_context: int
-    num_frames: int
-
-
 class LlavaViTPackingImageProcessor(BaseImageProcessor):
     r"""Turns images and videos into the packed inputs of :class:`~llava_vit.LlavaViTPackingModel`.
 
@@ -298,7 +292,6 @@ class LlavaViTPackingImageProcessor(BaseImageProcessor):
         num_frames: frames sampled uniformly from each video (all of them, if it has fewer).
     """
 
-    valid_kwargs = LlavaViTPackingImageProcessorKwargs
     model_input_names = ["hidden_states", "grid_thw", "patch_positions"]
 
     def __init__(

@@ -24,7 +24,7 @@ from transformers import PreTrainedModel
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from .configuration import LlavaViTConfig, OneVisionEncoderConfig
-from .modeling import init_weights, make_norm
+from .modeling import LlavaViTPackingMLP, init_weights, make_norm
 from .rope import apply_rope, rope_cos_sin
 
 
@@ -88,10 +88,7 @@ class AttentionPoolingHead(nn.Module):
         self.probe = nn.Parameter(torch.randn(1, 1, dim) * config.initializer_range)
         self.attention = nn.MultiheadAttention(dim, config.num_attention_heads, batch_first=True)
         self.norm = nn.RMSNorm(dim, eps=config.head_norm_eps)
-        self.mlp = nn.Sequential()
-        self.mlp.fc1 = nn.Linear(dim, config.intermediate_size)
-        self.mlp.act = nn.GELU()
-        self.mlp.fc2 = nn.Linear(config.intermediate_size, dim)
+        self.mlp = LlavaViTPackingMLP(config)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         probe = self.probe.expand(x.shape[0], -1, -1).to(x.dtype)
@@ -197,23 +194,13 @@ class LlavaViTAttention(nn.Module):
         return self.out_proj(rope_attention(q, k, v, positions, self.rope_theta))
 
 
-class LlavaViTMLP(nn.Module):
-    def __init__(self, config: LlavaViTConfig):
-        super().__init__()
-        self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
-        self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
-
-    def forward(self, x):
-        return self.fc2(F.gelu(self.fc1(x)))
-
-
 class LlavaViTEncoderLayer(nn.Module):
     def __init__(self, config: LlavaViTConfig):
         super().__init__()
         self.layer_norm1 = make_norm(config, config.hidden_size)
         self.self_attn = LlavaViTAttention(config)
         self.layer_norm2 = make_norm(config, config.hidden_size)
-        self.mlp = LlavaViTMLP(config)
+        self.mlp = LlavaViTPackingMLP(config)
 
     def forward(self, x, positions):
         x = x + self.self_attn(self.layer_norm1(x), positions)
@@ -266,9 +253,11 @@ class LlavaViTModel(PreTrainedModel):
         h = self.layernorm_pre(tokens)
         states = []
         for layer in self.encoder.layers:
-            states.append(h)
+            if output_hidden_states:
+                states.append(h)
             h = layer(h, positions)
-        states.append(h)
+        if output_hidden_states:
+            states.append(h)
         h = self.layernorm_post(h)
         pooled = self.head(h) if self.head is not None else None
         all_states = tuple(states) if output_hidden_states else None

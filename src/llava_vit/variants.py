@@ -3,6 +3,7 @@ transformers ``AutoConfig`` / ``AutoModel`` entries for every ``model_type`` of 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from timm.models import register_model
@@ -50,37 +51,36 @@ def packing_config(name: str, **overrides: Any) -> LlavaViTPackingConfig:
     return LlavaViTPackingConfig(**{**VARIANTS[size], **overrides})
 
 
-def _no_pretrained(name: str, pretrained: bool, kwargs: dict) -> dict:
-    if pretrained:
-        raise ValueError(
-            f"{name}: no weights are bundled or downloaded; create it with pretrained=False and load a checkpoint "
-            f"(llava_vit.convert.convert_checkpoint, or load_state_dict)"
-        )
-    return {k: v for k, v in kwargs.items() if k not in _TIMM_FACTORY_KWARGS}
+def _register(name: str, config_fn: Callable[..., Any], model_cls: type, what: str) -> None:
+    """Register ``name`` in timm: ``create_model(name, **config_overrides)`` builds ``model_cls``.
 
+    Keyword arguments must be fields of the config; timm's factory options are dropped, and
+    ``pretrained=True`` is refused (no weights are bundled or downloaded).
+    """
 
-def _register_source(name: str) -> None:
-    def create(pretrained: bool = False, **kwargs: Any) -> LlavaViT:
-        return LlavaViT(source_config(name, **_no_pretrained(name, pretrained, kwargs)))
+    def create(pretrained: bool = False, **kwargs: Any):
+        if pretrained:
+            raise ValueError(
+                f"{name}: no weights are bundled or downloaded; create it with pretrained=False and load a "
+                f"checkpoint (llava_vit.convert.convert_checkpoint, or load_state_dict)"
+            )
+        overrides = {k: v for k, v in kwargs.items() if k not in _TIMM_FACTORY_KWARGS}
+        fields = set(config_fn(name).to_dict()) | {"attn_implementation"}
+        unknown = sorted(set(overrides) - fields)
+        if unknown:
+            raise TypeError(f"{name}: unknown keyword arguments {unknown}; expected config fields such as "
+                            f"{sorted(VARIANTS['large'])}")
+        return model_cls(config_fn(name, **overrides))
 
     create.__name__ = name
-    create.__doc__ = f"Source (timm training layout) encoder {name}."
-    register_model(create)
-
-
-def _register_packing(name: str) -> None:
-    def create(pretrained: bool = False, **kwargs: Any) -> LlavaViTPackingModel:
-        return LlavaViTPackingModel(packing_config(name, **_no_pretrained(name, pretrained, kwargs)))
-
-    create.__name__ = name
-    create.__doc__ = f"Packed encoder {name}."
+    create.__doc__ = f"{what} {name}."
     register_model(create)
 
 
 for _name in SOURCE_MODEL_NAMES:
-    _register_source(_name)
+    _register(_name, source_config, LlavaViT, "Source (timm training layout) encoder")
 for _name in PACKING_MODEL_NAMES:
-    _register_packing(_name)
+    _register(_name, packing_config, LlavaViTPackingModel, "Packed encoder")
 
 for _config, _model in (
     (LlavaViTPackingConfig, LlavaViTPackingModel),

@@ -147,9 +147,9 @@ def test_verification_catches_a_wrong_epsilon(tmp_path, capsys, monkeypatch):
     """A converter that wrote the HF-default epsilon (the classic bug) fails verification: exit 3, nothing written."""
     write = conversion_command.write_packing_folder
 
-    def write_with_hf_epsilon(model, folder, dtype):
+    def write_with_hf_epsilon(model, folder, dtype, **kwargs):
         model.config.layer_norm_eps = model.config.head_norm_eps = 1e-6
-        return write(model, folder, dtype)
+        return write(model, folder, dtype, **kwargs)
 
     monkeypatch.setattr(conversion_command, "write_packing_folder", write_with_hf_epsilon)
     output = tmp_path / "packed"

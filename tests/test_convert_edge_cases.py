@@ -37,3 +37,14 @@ def test_packed_folder_is_not_reconverted(tmp_path):
                                                num_attention_heads=2, head_norm_eps=None)).save_pretrained(tmp_path)
     with pytest.raises(ConversionError, match="already in the packed layout"):
         convert_checkpoint(tmp_path)
+
+
+def test_hf_temporal_context_reaches_the_processor_config(tmp_path):
+    from llava_vit.cli import main
+
+    folder = tmp_path / "ov"
+    shutil.copytree(GOLDEN_DIR / "ovtiny_hf", folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "rope_temporal_size": 16}))
+    assert main(["convert", str(folder), "--output-dir", str(tmp_path / "out"), "--no-verify"]) == 0
+    assert json.loads((tmp_path / "out" / "preprocessor_config.json").read_text())["temporal_context"] == 16

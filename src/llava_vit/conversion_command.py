@@ -135,6 +135,7 @@ class ConvertedSource:
     layout: str
     architecture_from: str
     eps_from: str
+    temporal_context: int = SOURCE_TEMPORAL_CONTEXT
 
     def lines(self) -> list[str]:
         """What was read, the architecture and where it came from, the norm epsilons and where they came from."""
@@ -170,7 +171,8 @@ def convert_source(src: str | Path, model_name: str | None = None, config_file: 
         eps_from = "the folder's config.json"
     else:
         eps_from = f"{given}: HF-layout weights without a config.json" if given else "HF default: no config.json given"
-    return ConvertedSource(model, layout, given or found, eps_from)
+    temporal_context = (hf_config or {}).get("rope_temporal_size", SOURCE_TEMPORAL_CONTEXT)
+    return ConvertedSource(model, layout, given or found, eps_from, temporal_context)
 
 
 def _eps(value: float | None) -> str:
@@ -180,11 +182,14 @@ def _eps(value: float | None) -> str:
 # ---- writing ----------------------------------------------------------------------------------
 
 
-def write_packing_folder(model: LlavaViTPackingModel, folder: Path, dtype: torch.dtype) -> int:
+def write_packing_folder(
+    model: LlavaViTPackingModel, folder: Path, dtype: torch.dtype, temporal_context: int = SOURCE_TEMPORAL_CONTEXT
+) -> int:
     """Write ``config.json``, ``model.safetensors`` in ``dtype`` and ``preprocessor_config.json``.
 
     The preprocessor config is :class:`LlavaViTPackingImageProcessor`'s defaults (CLIP mean/std,
-    8 frames in the 64-frame context) with the model's patch size.
+    8 frames) with the model's patch size and the source's temporal context (an HF folder's
+    ``rope_temporal_size``, else 64 frames).
 
     Returns the size of the weights in bytes. Memory peaks at the model plus its cast copy (none
     when the dtype is unchanged).
@@ -195,7 +200,7 @@ def write_packing_folder(model: LlavaViTPackingModel, folder: Path, dtype: torch
     config.save_pretrained(folder)
     tensors = {k: v.detach().to(dtype).contiguous() for k, v in model.state_dict().items()}
     save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
-    LlavaViTPackingImageProcessor(patch_size=config.patch_size).save_pretrained(folder)
+    LlavaViTPackingImageProcessor(patch_size=config.patch_size, temporal_context=temporal_context).save_pretrained(folder)
     return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
@@ -492,7 +497,7 @@ def convert_to_folder(
             print(line)
         with staged_folder(output) as staging:
             print(f"writing {output} ({dtype})")
-            size = write_packing_folder(converted.model, staging, torch_dtype)
+            size = write_packing_folder(converted.model, staging, torch_dtype, temporal_context=converted.temporal_context)
             del converted  # free the weights before verification loads two models
             print(f"  config.json, model.safetensors ({size / 2**20:.1f} MiB), preprocessor_config.json")
             if verify_on is not None:

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from golden_cases import SET_NAMES, architecture_config, load_cases, pack, source_path
-from llava_vit import LlavaViTPackingConfig, LlavaViTPackingModel
+from llava_vit import LlavaViTPackingConfig, LlavaViTPackingModel, compute_patch_positions_from_grid_thw
 from llava_vit.attention import torch_varlen_available
 from llava_vit.convert import convert_checkpoint
 from model_pairs import source_and_packed
@@ -92,12 +92,16 @@ def test_forward_has_no_host_sync_with_cpu_grid():
     hs = torch.randn(int(grid.prod(-1).sum()), model.config.patch_dim, device="cuda", dtype=torch.bfloat16)
     model(hs, grid)  # warm-up (kernel selection may sync once)
     torch.cuda.synchronize()
+    positions = compute_patch_positions_from_grid_thw(grid).cuda()
+    torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
         out = model(hs, grid)
+        with_positions = model(hs, grid, positions)  # CUDA patch_positions: checked without reading values
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert out.pooler_output.shape == (3, 128)
+    torch.testing.assert_close(with_positions.last_hidden_state, out.last_hidden_state)
 
 
 def test_rope_kernel_on_cuda_matches_reference():

@@ -81,8 +81,9 @@ def test_folder_of_mixed_inputs(model_dir, media, tmp_path, capsys):
 
 
 def test_packed_passes_equal_one_input_per_pass(model_dir, media, tmp_path):
-    assert encode(media, "--model", model_dir, "--output", tmp_path / "packed") == 0
-    assert encode(media, "--model", model_dir, "--output", tmp_path / "alone", "--max-tokens", "1") == 0
+    cpu = ("--device", "cpu", "--dtype", "float32")  # the float32 equality this checks; a GPU would default to bf16
+    assert encode(media, "--model", model_dir, "--output", tmp_path / "packed", *cpu) == 0
+    assert encode(media, "--model", model_dir, "--output", tmp_path / "alone", "--max-tokens", "1", *cpu) == 0
     files = sorted(p.name for p in (tmp_path / "packed").glob("*.safetensors"))
     assert len(files) == 6
     for name in files:

@@ -40,6 +40,7 @@ from llava_vit.attention import ATTN_IMPLEMENTATIONS, resolve_attn_implementatio
 from llava_vit.configuration import LlavaViTConfig, LlavaViTPackingConfig  # noqa: E402
 from llava_vit.convert import to_timm_source_state_dict  # noqa: E402
 from llava_vit.modeling import LlavaViTPackingModel  # noqa: E402
+from llava_vit.processing import patchify  # noqa: E402
 from llava_vit.source import LlavaViT  # noqa: E402
 from llava_vit.variants import SOURCE_EPS, VARIANTS  # noqa: E402
 
@@ -139,15 +140,8 @@ def build_models(
 # ---- inputs ---------------------------------------------------------------------------------------
 
 
-def patchify(pixels: torch.Tensor, patch: int) -> torch.Tensor:
-    """``(C, T, H, W)`` pixels to ``(T*h*w, C*p*p)`` rows: raster token order, channel-major patches."""
-    c, t, height, width = pixels.shape
-    h, w = height // patch, width // patch
-    return pixels.reshape(c, t, h, patch, w, patch).permute(1, 2, 4, 0, 3, 5).reshape(t * h * w, c * patch * patch)
-
-
 def unpatchify(rows: torch.Tensor, grid: tuple[int, int, int], patch: int) -> torch.Tensor:
-    """Inverse of :func:`patchify` for a ``(t, h, w)`` patch grid."""
+    """Inverse of :func:`llava_vit.processing.patchify` for a ``(t, h, w)`` patch grid."""
     t, h, w = grid
     c = rows.shape[1] // (patch * patch)
     return rows.reshape(t, h, w, c, patch, patch).permute(3, 0, 1, 4, 2, 5).reshape(c, t, h * patch, w * patch)

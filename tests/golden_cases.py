@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 
 from conftest import GOLDEN_DIR
 from llava_vit import LlavaViTPackingConfig, compute_patch_positions_with_interpolated_temporal
+from llava_vit.processing import patchify  # noqa: F401  (re-exported for the tests)
 
 MANIFEST = json.loads((GOLDEN_DIR / "manifest.json").read_text())
 SET_NAMES = tuple(MANIFEST)
@@ -26,15 +27,6 @@ class GoldenCase:
     source_kwargs: dict
     last_hidden_state: torch.Tensor  # (seq, D)
     pooler_output: torch.Tensor  # (1, D)
-
-
-def patchify(frames: torch.Tensor, patch: int) -> torch.Tensor:
-    """(C, T, H, W) or (C, H, W) pixels → (T*h*w, C*p*p) channel-major patch rows, raster order."""
-    if frames.dim() == 3:
-        frames = frames[:, None]
-    c, t, h, w = frames.shape
-    x = frames.reshape(c, t, h // patch, patch, w // patch, patch)
-    return x.permute(1, 2, 4, 0, 3, 5).reshape(t * (h // patch) * (w // patch), c * patch * patch)
 
 
 def source_path(set_name: str):

@@ -42,7 +42,8 @@ from .positions import (
     compute_patch_positions_with_interpolated_temporal,
     interpolate_frame_indices,
 )
-from .processing import CLIP_MEAN, CLIP_STD, LlavaViTPackingImageProcessor
+from .processing import CLIP_MEAN, CLIP_STD, LlavaViTPackingImageProcessor, patchify
+from .validation import resolve_device
 from .variants import PACKING_MODEL_NAMES, SOURCE_MODEL_NAMES, packing_config, source_config
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -398,9 +399,7 @@ def pack_samples(samples: list[Sample], patch_size: int) -> tuple[torch.Tensor, 
     p = patch_size
     for sample in samples:
         t, h, w = sample.grid(p)
-        c = sample.pixels.shape[1]
-        patches = sample.pixels.reshape(t, c, h, p, w, p).permute(0, 2, 4, 1, 3, 5)
-        rows.append(patches.reshape(t * h * w, c * p * p))
+        rows.append(patchify(sample.pixels.transpose(0, 1), p))
         grids.append((t, h, w))
         positions.append(compute_patch_positions_with_interpolated_temporal(_context_slots(t), h, w))
     return torch.cat(rows), torch.tensor(grids), torch.cat(positions)
@@ -464,16 +463,6 @@ def _no_tf32() -> Iterator[None]:
 # ---- command ----------------------------------------------------------------------------------
 
 
-def _verification_device(name: str) -> torch.device:
-    try:
-        device = torch.device(name)
-    except RuntimeError as err:
-        raise ConversionError(f"--device {name!r} is not a device name (expected cpu or cuda): {err}") from err
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConversionError(f"--device {name}: CUDA is not available on this machine (use --device cpu)")
-    return device
-
-
 def convert_to_folder(
     src: str | Path,
     output_dir: str | Path,
@@ -489,7 +478,7 @@ def convert_to_folder(
     start = time.perf_counter()
     try:
         torch_dtype = DTYPES[dtype]
-        verify_on = _verification_device(device) if verify else None
+        verify_on = resolve_device(device) if verify else None
         output = check_output_dir(output_dir, src, overwrite)
         print(f"reading {src}")
         converted = convert_source(src, model_name, config_file)

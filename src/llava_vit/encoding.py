@@ -29,6 +29,7 @@ from tqdm import tqdm
 
 from .modeling import LlavaViTPackingModel
 from .processing import LlavaViTPackingImageProcessor, PackedSample, VIDEO_EXTENSIONS, is_video_file, split_packed
+from .validation import check_positive_int, resolve_device
 from .variants import PACKING_MODEL_NAMES, VARIANTS, packing_config
 
 RANDOM_WEIGHTS_SEED = 0
@@ -252,20 +253,13 @@ def _batches(samples: Iterable[tuple[Path, str, PackedSample]], max_tokens: int)
         yield batch
 
 
-def _check_positive(name: str, value: int) -> None:
-    if value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value}")
-
-
 def run_encode(args: argparse.Namespace) -> int:
     """The ``encode`` subcommand (arguments: see :func:`llava_vit.cli.build_parser`). Returns the exit status."""
     try:
-        _check_positive("--max-tokens", args.max_tokens)
+        check_positive_int("--max-tokens", args.max_tokens)
         if args.frames is not None:
-            _check_positive("--frames", args.frames)
-        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"--device {args.device}: no CUDA GPU is available here (use --device cpu)")
+            check_positive_int("--frames", args.frames)
+        device = resolve_device(args.device)
         default_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         dtype = getattr(torch, args.dtype) if args.dtype else default_dtype
         encoder = load_encoder(args.model, device, dtype)

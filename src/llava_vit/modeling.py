@@ -243,7 +243,7 @@ class LlavaViTPackingModel(LlavaViTPackingPreTrainedModel):
         seqs = PackedSeqs.from_lengths(lengths, device)
         if patch_positions is None:
             patch_positions = compute_patch_positions_from_grid_thw(grid)
-        rope = RotaryTables.build(patch_positions.to(device, non_blocking=True), config.head_dim, config.rope_theta, dtype)
+        rope = RotaryTables.build(patch_positions.to(device, non_blocking=True), config.head_dim, config.rope_theta)
 
         x = self.layernorm_pre(self.patch_embed(hidden_states.to(device, non_blocking=True)))
         x, all_states = self.encoder(x, rope, seqs, backend, output_hidden_states)

@@ -29,6 +29,7 @@ from .positions import (
     compute_patch_positions_with_interpolated_temporal,
     interpolate_frame_indices,
 )
+from .validation import check_positive_int
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -184,7 +185,7 @@ def read_video(path: str | Path, num_frames: int = 8) -> VideoClip:
     Only the sampled frames are converted to RGB; decoding stops after the last one, and long gaps
     between sampled frames are skipped by seeking.
     """
-    num_frames = _positive_int("num_frames", num_frames)
+    num_frames = check_positive_int("num_frames", num_frames)
     with av.open(str(path)) as container:
         if not container.streams.video:
             raise ValueError(f"{path}: no video stream")
@@ -234,12 +235,6 @@ def _decode_frames(container, stream, wanted: list[int]) -> tuple[list[int], lis
         indices.append(position)
         frames.append(array)
     return indices, frames
-
-
-def _positive_int(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return int(value)
 
 
 @dataclass(frozen=True)
@@ -312,7 +307,7 @@ class LlavaViTPackingImageProcessor(BaseImageProcessor):
         **kwargs,
     ):
         super().__init__(**kwargs)
-        self.patch_size = _positive_int("patch_size", patch_size)
+        self.patch_size = check_positive_int("patch_size", patch_size)
         for name, values in (("image_mean", image_mean), ("image_std", image_std)):
             if len(values) != 3 or not all(isinstance(v, (int, float)) for v in values):
                 raise ValueError(f"{name} must be 3 numbers (R, G, B), got {values!r}")
@@ -336,8 +331,8 @@ class LlavaViTPackingImageProcessor(BaseImageProcessor):
         self._check_pixel_bounds(min_pixels, max_pixels)
         self.min_pixels = min_pixels
         self.max_pixels = max_pixels
-        self.temporal_context = _positive_int("temporal_context", temporal_context)
-        self.num_frames = _positive_int("num_frames", num_frames)
+        self.temporal_context = check_positive_int("temporal_context", temporal_context)
+        self.num_frames = check_positive_int("num_frames", num_frames)
 
     def _check_size(self, size) -> dict[str, int] | None:
         if self.resize_mode != "fixed":
@@ -351,7 +346,7 @@ class LlavaViTPackingImageProcessor(BaseImageProcessor):
         if not isinstance(size, dict) or set(size) != {"height", "width"}:
             raise ValueError(f"resize_mode='fixed' needs size={{'height': H, 'width': W}} (or an int), got {size!r}")
         for side in ("height", "width"):
-            value = _positive_int(f"size['{side}']", size[side])
+            value = check_positive_int(f"size['{side}']", size[side])
             if value % self.patch_size:
                 raise ValueError(f"size['{side}'] must be a multiple of patch_size={self.patch_size}, got {value}")
         return {"height": int(size["height"]), "width": int(size["width"])}
@@ -366,7 +361,7 @@ class LlavaViTPackingImageProcessor(BaseImageProcessor):
             return
         for name, value in (("min_pixels", min_pixels), ("max_pixels", max_pixels)):
             if value is not None:
-                _positive_int(name, value)
+                check_positive_int(name, value)
         if max_pixels is not None and max_pixels < self.patch_size**2:
             raise ValueError(f"max_pixels must hold at least one patch ({self.patch_size**2}), got {max_pixels}")
         if min_pixels is not None and max_pixels is not None and min_pixels > max_pixels:
@@ -449,7 +444,7 @@ class LlavaViTPackingImageProcessor(BaseImageProcessor):
     def preprocess_video(self, video: VideoInput, num_frames: int | None = None) -> PackedSample:
         """One video → its :class:`PackedSample`: ``num_frames`` (default: the processor's) frames
         sampled uniformly, temporal positions spread over the temporal context."""
-        num_frames = self.num_frames if num_frames is None else _positive_int("num_frames", num_frames)
+        num_frames = self.num_frames if num_frames is None else check_positive_int("num_frames", num_frames)
         if isinstance(video, (str, Path)):
             clip = read_video(video, num_frames)
             return self._sample(list(clip.frames), clip.frame_indices, clip.total_frames)
@@ -540,6 +535,21 @@ def _video_list(videos) -> list:
     if isinstance(videos, (list, tuple)):
         return [videos] if videos and all(_is_frame(v) for v in videos) else list(videos)
     raise TypeError(f"videos must be a video or a list of videos, got {type(videos).__name__}")
+
+
+def patchify(pixels: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """``(C, T, H, W)`` or ``(C, H, W)`` pixels → ``(T*h*w, C*p*p)`` packed rows: raster token order
+    (t slowest, w fastest), channel-major patch vectors, as the model and the seed expect."""
+    if pixels.dim() == 3:
+        pixels = pixels[:, None]
+    if pixels.dim() != 4:
+        raise ValueError(f"pixels must be (C, T, H, W) or (C, H, W), got shape {tuple(pixels.shape)}")
+    c, t, height, width = pixels.shape
+    p = check_positive_int("patch_size", patch_size)
+    if height % p or width % p:
+        raise ValueError(f"pixels' height and width ({height}x{width}) must be multiples of patch_size={p}")
+    h, w = height // p, width // p
+    return pixels.reshape(c, t, h, p, w, p).permute(1, 2, 4, 0, 3, 5).reshape(t * h * w, c * p * p)
 
 
 def split_packed(tensor: torch.Tensor, grid_thw: torch.Tensor) -> list[torch.Tensor]:

@@ -59,25 +59,23 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> 
 
 @dataclass(frozen=True)
 class RotaryTables:
-    """The RoPE tables of one packed forward, built once and used by every layer.
+    """The float32 ``(N, head_dim)`` RoPE tables of one packed forward, built once for all layers.
 
-    On CUDA with Triton the rotation runs as one fused kernel (:func:`llava_vit.kernels.rope_qk`,
-    float32 tables); elsewhere, and inside ``torch.compile`` (which fuses it itself), as
-    :func:`apply_rope` in the compute dtype.
+    On CUDA with Triton the rotation runs as one fused kernel (:func:`llava_vit.kernels.rope_qk`);
+    elsewhere, and inside ``torch.compile`` (which fuses it itself), as :func:`apply_rope` with the
+    tables in the compute dtype.
     """
 
     cos: torch.Tensor
     sin: torch.Tensor
-    cos_compute: torch.Tensor
-    sin_compute: torch.Tensor
 
     @classmethod
-    def build(cls, positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype) -> RotaryTables:
-        cos, sin = rope_cos_sin(positions, head_dim, theta)
-        return cls(cos, sin, cos.to(dtype)[:, None, None], sin.to(dtype)[:, None, None])
+    def build(cls, positions: torch.Tensor, head_dim: int, theta: float) -> RotaryTables:
+        return cls(*rope_cos_sin(positions, head_dim, theta))
 
     def rotate_qk(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Rotated ``q, k`` ``(N, H, hd)`` from ``qkv`` ``(N, 3, H, hd)``."""
         if qkv.is_cuda and triton_available() and not torch.compiler.is_compiling():
             return rope_qk(qkv, self.cos, self.sin)
-        return apply_rope(qkv[:, :2], self.cos_compute, self.sin_compute).unbind(1)
+        cos, sin = (t.to(qkv.dtype)[:, None, None] for t in (self.cos, self.sin))
+        return apply_rope(qkv[:, :2], cos, sin).unbind(1)

@@ -112,3 +112,19 @@ def _check_device(name: str, value, device: torch.device) -> None:
     """A tensor ``value`` must be on ``device`` or on the CPU (other types are checked elsewhere)."""
     if isinstance(value, torch.Tensor) and value.device.type != "cpu" and value.device != device:
         raise ValueError(f"{name} is on {value.device}; expected the model's device ({device}) or the CPU")
+
+
+def resolve_device(name: str | None, flag: str = "--device") -> torch.device:
+    """The device a command runs on: ``name`` (``cpu``, ``cuda``, ``cuda:1``...), or CUDA when present."""
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise ValueError(f"{flag} {name!r} is not a device name (expected cpu or cuda): {err}") from err
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(
+            f"{flag} {name}: no CUDA GPU is available here (CUDA is not available to this machine or "
+            f"PyTorch build); use {flag} cpu"
+        )
+    return device

@@ -36,13 +36,13 @@ sys.path.insert(0, str(BENCH_DIR))
 
 import torch  # noqa: E402
 
-from llava_vit.attention import ATTN_IMPLEMENTATIONS, resolve_attn_implementation  # noqa: E402
-from llava_vit.configuration import LlavaViTConfig, LlavaViTPackingConfig  # noqa: E402
-from llava_vit.convert import to_timm_source_state_dict  # noqa: E402
-from llava_vit.modeling import LlavaViTPackingModel  # noqa: E402
+from llava_vit.model.attention import ATTN_IMPLEMENTATIONS, resolve_attn_implementation  # noqa: E402
+from llava_vit.model.configuration import LlavaViTConfig, LlavaViTPackingConfig  # noqa: E402
+from llava_vit.conversion.convert import to_timm_source_state_dict  # noqa: E402
+from llava_vit.model.modeling import LlavaViTPackingModel  # noqa: E402
 from llava_vit.processing import patchify  # noqa: E402
-from llava_vit.source import LlavaViT  # noqa: E402
-from llava_vit.variants import SOURCE_EPS, VARIANTS  # noqa: E402
+from llava_vit.reference import LlavaViT  # noqa: E402
+from llava_vit.model.variants import SOURCE_EPS, VARIANTS  # noqa: E402
 
 WORKLOADS_FILE = BENCH_DIR / "workloads.json"
 ANCHOR_FILE = BENCH_DIR / "anchor_h100.json"

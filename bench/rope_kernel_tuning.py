@@ -15,8 +15,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 
 from attention_kernels import time_ms  # noqa: E402
-from llava_vit.kernels import _launch_rope  # noqa: E402
-from llava_vit.rope import apply_rope, rope_cos_sin  # noqa: E402
+from llava_vit.model.kernels import _launch_rope  # noqa: E402
+from llava_vit.model.rope import apply_rope, rope_cos_sin  # noqa: E402
 
 
 def main() -> None:

@@ -24,7 +24,7 @@ import torch
 import torchvision.transforms as T
 from PIL import Image
 
-from llava_vit.encoding import _prefetched, _read
+from llava_vit.encoding.command import _prefetched, _read
 from llava_vit.processing import CLIP_MEAN, CLIP_STD, LlavaViTPackingImageProcessor
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

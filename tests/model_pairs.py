@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 
 from llava_vit import LlavaViT, LlavaViTConfig, LlavaViTPackingConfig, LlavaViTPackingModel
-from llava_vit.convert import to_packing_state_dict
-from llava_vit.variants import SOURCE_EPS
+from llava_vit.conversion.convert import to_packing_state_dict
+from llava_vit.model.variants import SOURCE_EPS
 
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2, patch_size=8)
 

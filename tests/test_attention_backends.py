@@ -10,9 +10,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import llava_vit.modeling
+import llava_vit.model.modeling
 from llava_vit import LlavaViTPackingConfig, LlavaViTPackingModel
-from llava_vit.attention import PackedSeqs, check_attn_implementation, resolve_attn_implementation, varlen_attention
+from llava_vit.model.attention import PackedSeqs, check_attn_implementation, resolve_attn_implementation, varlen_attention
 from model_pairs import TINY, randomize_
 
 
@@ -99,9 +99,9 @@ def test_flash_attention_2_path_calls_varlen_func(fake_flash_attn, monkeypatch):
     hs = torch.randn(int((grid.prod(-1)).sum()), config.patch_dim)
     with pytest.raises(ValueError, match="CUDA device"):  # FlashAttention kernels cannot run on CPU float32 ...
         model(hs, grid)
-    monkeypatch.setattr(llava_vit.modeling, "resolve_attn_implementation", lambda *a: "sdpa")
+    monkeypatch.setattr(llava_vit.model.modeling, "resolve_attn_implementation", lambda *a: "sdpa")
     expected = model(hs, grid)
-    monkeypatch.setattr(llava_vit.modeling, "resolve_attn_implementation", lambda *a: "flash_attention_2")
+    monkeypatch.setattr(llava_vit.model.modeling, "resolve_attn_implementation", lambda *a: "flash_attention_2")
     out = model(hs, grid)  # ... so force the dispatch to check the call itself
     torch.testing.assert_close(out.last_hidden_state, expected.last_hidden_state)
     torch.testing.assert_close(out.pooler_output, expected.pooler_output)

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from llava_vit.configuration import LlavaViTPackingConfig
-from llava_vit.convert import to_packing_state_dict, to_timm_source_state_dict
+from llava_vit.model.configuration import LlavaViTPackingConfig
+from llava_vit.conversion.convert import to_packing_state_dict, to_timm_source_state_dict
 
 BENCH_DIR = Path(__file__).resolve().parents[1] / "bench"
 

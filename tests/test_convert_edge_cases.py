@@ -10,7 +10,7 @@ import torch
 
 from conftest import GOLDEN_DIR
 from llava_vit import LlavaViT, LlavaViTPackingConfig, LlavaViTPackingModel, source_config
-from llava_vit.convert import ConversionError, convert_checkpoint
+from llava_vit.conversion.convert import ConversionError, convert_checkpoint
 
 
 def test_given_head_count_wins_over_the_variant_guess(tmp_path):

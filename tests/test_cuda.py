@@ -8,8 +8,8 @@ import torch.nn.functional as F
 
 from golden_cases import SET_NAMES, architecture_config, load_cases, pack, source_path
 from llava_vit import LlavaViTPackingConfig, LlavaViTPackingModel, compute_patch_positions_from_grid_thw
-from llava_vit.attention import torch_varlen_available
-from llava_vit.convert import convert_checkpoint
+from llava_vit.model.attention import torch_varlen_available
+from llava_vit.conversion.convert import convert_checkpoint
 from model_pairs import source_and_packed
 
 pytestmark = pytest.mark.cuda
@@ -105,8 +105,8 @@ def test_forward_has_no_host_sync_with_cpu_grid():
 
 
 def test_rope_kernel_on_cuda_matches_reference():
-    from llava_vit.kernels import rope_qk
-    from llava_vit.rope import apply_rope, rope_cos_sin
+    from llava_vit.model.kernels import rope_qk
+    from llava_vit.model.rope import apply_rope, rope_cos_sin
 
     n, heads, head_dim = 3000, 16, 64
     cos, sin = rope_cos_sin(torch.randint(0, 64, (n, 3), device="cuda"), head_dim)

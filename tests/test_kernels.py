@@ -13,12 +13,12 @@ import textwrap
 
 import pytest
 
-from llava_vit.kernels import triton_available
+from llava_vit.model.kernels import triton_available
 
 CHECK = textwrap.dedent("""
     import torch
-    from llava_vit.kernels import rope_qk
-    from llava_vit.rope import apply_rope, rope_cos_sin
+    from llava_vit.model.kernels import rope_qk
+    from llava_vit.model.rope import apply_rope, rope_cos_sin
 
     torch.manual_seed(0)
     for n, heads, head_dim in ((37, 3, 64), (5, 2, 96), (1, 1, 32)):

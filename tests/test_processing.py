@@ -26,7 +26,8 @@ from llava_vit import (
     video_to_packing_input,
 )
 from llava_vit.demo import write_video
-from llava_vit.processing import _decode_frames, read_video, sample_frame_indices, smart_resize
+from llava_vit.processing import read_video, sample_frame_indices, smart_resize
+from llava_vit.processing.video import _decode_frames
 
 PHOTOS = ("photo_2048x1365.jpg", "photo_rgba_1189x790.png")
 CLIPS = {"clip_1.mp4": (64, 256, 256), "clip_2.mp4": (20, 240, 428)}  # frames, height, width

@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 
 from golden_cases import patchify
 from llava_vit import compute_patch_positions_with_interpolated_temporal, interpolate_frame_indices
-from llava_vit.attention import ATTN_IMPLEMENTATIONS, resolve_attn_implementation
+from llava_vit.model.attention import ATTN_IMPLEMENTATIONS, resolve_attn_implementation
 from model_pairs import TINY, source_and_packed
 
 P = TINY["patch_size"]

@@ -9,7 +9,7 @@ from transformers import AutoConfig, AutoModel
 
 import llava_vit
 from llava_vit import LlavaViTPackingConfig, LlavaViTPackingModel
-from llava_vit.variants import PACKING_MODEL_NAMES, SOURCE_MODEL_NAMES, VARIANTS
+from llava_vit.model.variants import PACKING_MODEL_NAMES, SOURCE_MODEL_NAMES, VARIANTS
 from model_pairs import TINY, randomize_
 
 

@@ -1,10 +1,10 @@
 """llava-vit: a packed LlavaViT / OneVision-Encoder vision encoder for images and videos of any size."""
 
-from .configuration import LlavaViTConfig, LlavaViTPackingConfig, OneVisionEncoderConfig
-from .modeling import LlavaViTPackingModel, LlavaViTPackingPreTrainedModel
-from .source import LlavaViT, LlavaViTModel, OneVisionEncoderModel
-from .variants import VARIANTS, packing_config, source_config
-from .positions import (
+from .model.configuration import LlavaViTConfig, LlavaViTPackingConfig, OneVisionEncoderConfig
+from .model.modeling import LlavaViTPackingModel, LlavaViTPackingPreTrainedModel
+from .reference import LlavaViT, LlavaViTModel, OneVisionEncoderModel
+from .model.variants import VARIANTS, packing_config, source_config
+from .model.positions import (
     compute_patch_positions_from_grid_thw,
     compute_patch_positions_with_interpolated_temporal,
     interpolate_frame_indices,

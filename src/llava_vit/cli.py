@@ -45,10 +45,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "convert":
-        from .conversion_command import run_convert
+        from .conversion.command import run_convert
 
         return run_convert(args)
-    from .encoding import run_encode
+    from .encoding.command import run_encode
 
     return run_encode(args)
 

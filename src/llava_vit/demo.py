@@ -19,7 +19,7 @@ from matplotlib import cbook
 from PIL import Image
 
 from .cli import build_parser
-from .encoding import run_encode
+from .encoding.command import run_encode
 
 SAMPLE_PHOTOS = ("grace_hopper.jpg", "Minduka_Present_Blue_Pack.png")
 VIDEO_CODECS = ("libx264", "h264", "mpeg4")

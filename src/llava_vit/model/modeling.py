@@ -18,7 +18,7 @@ from .attention import PackedSeqs, check_attn_implementation, resolve_attn_imple
 from .configuration import LlavaViTPackingConfig
 from .positions import compute_patch_positions_from_grid_thw
 from .rope import RotaryTables
-from .validation import check_packed_inputs
+from ..validation import check_packed_inputs
 
 
 def make_norm(config, dim: int) -> nn.Module:

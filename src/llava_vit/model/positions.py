@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from .validation import check_grid_thw, check_integer_tensor, check_non_negative, check_positive_int
+from ..validation import check_grid_thw, check_integer_tensor, check_non_negative, check_positive_int
 
 SOURCE_TEMPORAL_CONTEXT = 64
 """Frames in the temporal context the source model was trained with."""

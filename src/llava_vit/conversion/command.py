@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import save_file
 
-from .configuration import LlavaViTConfig, LlavaViTPackingConfig
+from ..model.configuration import LlavaViTConfig, LlavaViTPackingConfig
 from .convert import (
     ARCH_FIELDS,
     ConversionError,
@@ -36,15 +36,15 @@ from .convert import (
     infer_architecture,
     read_checkpoint,
 )
-from .modeling import LlavaViTPackingModel
-from .positions import (
+from ..model.modeling import LlavaViTPackingModel
+from ..model.positions import (
     SOURCE_TEMPORAL_CONTEXT,
     compute_patch_positions_with_interpolated_temporal,
     interpolate_frame_indices,
 )
-from .processing import CLIP_MEAN, CLIP_STD, LlavaViTPackingImageProcessor, patchify
-from .validation import resolve_device
-from .variants import PACKING_MODEL_NAMES, SOURCE_MODEL_NAMES, packing_config, source_config
+from ..processing import CLIP_MEAN, CLIP_STD, LlavaViTPackingImageProcessor, patchify
+from ..validation import resolve_device
+from ..model.variants import PACKING_MODEL_NAMES, SOURCE_MODEL_NAMES, packing_config, source_config
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 EPS_FIELDS = ("layer_norm_eps", "head_norm_eps")

@@ -27,10 +27,10 @@ from PIL import Image, ImageDraw, ImageFont
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from .modeling import LlavaViTPackingModel
-from .processing import LlavaViTPackingImageProcessor, PackedSample, VIDEO_EXTENSIONS, is_video_file, split_packed
-from .validation import check_positive_int, resolve_device
-from .variants import PACKING_MODEL_NAMES, VARIANTS, packing_config
+from ..model.modeling import LlavaViTPackingModel
+from ..processing import LlavaViTPackingImageProcessor, PackedSample, VIDEO_EXTENSIONS, is_video_file, split_packed
+from ..validation import check_positive_int, resolve_device
+from ..model.variants import PACKING_MODEL_NAMES, VARIANTS, packing_config
 
 RANDOM_WEIGHTS_SEED = 0
 PREPROCESSOR_CONFIG = "preprocessor_config.json"

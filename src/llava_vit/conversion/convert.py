@@ -17,10 +17,10 @@ import torch
 from safetensors import safe_open
 from tqdm.auto import tqdm
 
-from .configuration import LlavaViTConfig, LlavaViTPackingConfig
-from .modeling import LlavaViTPackingModel
-from .source import LlavaViT, LlavaViTModel
-from .variants import SOURCE_EPS, VARIANTS
+from ..model.configuration import LlavaViTConfig, LlavaViTPackingConfig
+from ..model.modeling import LlavaViTPackingModel
+from ..reference import LlavaViT, LlavaViTModel
+from ..model.variants import SOURCE_EPS, VARIANTS
 
 ARCH_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_channels",
                "patch_size", "layer_norm_type", "use_head", "rope_theta", "image_size")

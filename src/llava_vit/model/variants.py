@@ -11,7 +11,7 @@ from transformers import AutoConfig, AutoModel
 
 from .configuration import LlavaViTConfig, LlavaViTPackingConfig, OneVisionEncoderConfig
 from .modeling import LlavaViTPackingModel
-from .source import LlavaViT, LlavaViTModel, OneVisionEncoderModel
+from ..reference import LlavaViT, LlavaViTModel, OneVisionEncoderModel
 
 VARIANTS: dict[str, dict[str, int]] = {
     "small": dict(hidden_size=384, num_hidden_layers=6, num_attention_heads=6, intermediate_size=1536, patch_size=16),

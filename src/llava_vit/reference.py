@@ -23,9 +23,9 @@ import torch.nn.functional as F
 from transformers import PreTrainedModel
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-from .configuration import LlavaViTConfig, OneVisionEncoderConfig
-from .modeling import LlavaViTPackingMLP, init_weights, make_norm
-from .rope import apply_rope, rope_cos_sin
+from .model.configuration import LlavaViTConfig, OneVisionEncoderConfig
+from .model.modeling import LlavaViTPackingMLP, init_weights, make_norm
+from .model.rope import apply_rope, rope_cos_sin
 
 
 def embed_patches(

@@ -1,0 +1,1 @@
+"""Encoding datasets: the pipeline, the feature store and the ``encode`` command."""

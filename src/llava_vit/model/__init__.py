@@ -1,0 +1,1 @@
+"""The packed encoder: configuration, modeling, attention backends, RoPE, positions, kernels, variants."""

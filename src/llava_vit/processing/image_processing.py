@@ -29,7 +29,7 @@ from ..model.positions import (
     interpolate_frame_indices,
 )
 from ..validation import check_positive_int
-from .video import read_video, sample_frame_indices
+from .video import is_video_file, read_video, sample_frame_indices
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -156,6 +156,8 @@ class PackedSample:
     """Index of each encoded frame in its source (videos)."""
     total_frames: int = 1
     """Frames in the source (videos)."""
+    kind: str = "image"
+    """``"image"`` or ``"video"``: what the source is (a one-frame video stays a video)."""
     warnings: tuple[str, ...] = ()
     """What a user should know about how this input was read (e.g. a damaged video cut short)."""
 
@@ -319,7 +321,8 @@ class LlavaViTPackingImageProcessor(BaseImageProcessor):
             patches.sub_(torch.tensor(self.image_mean).view(3, 1, 1)).div_(torch.tensor(self.image_std).view(3, 1, 1))
         return patches.view(t * h * w, channels * p * p)
 
-    def _sample(self, frames: list[Image.Image | np.ndarray], frame_indices, total_frames: int) -> PackedSample:
+    def _sample(self, frames: list[Image.Image | np.ndarray], frame_indices, total_frames: int, kind: str,
+                warnings: tuple[str, ...] = ()) -> PackedSample:
         original = _size_of(frames[0])
         for i, frame in enumerate(frames):
             if _size_of(frame) != original:
@@ -341,11 +344,19 @@ class LlavaViTPackingImageProcessor(BaseImageProcessor):
             original_size=original,
             frame_indices=tuple(int(i) for i in frame_indices),
             total_frames=total_frames,
+            kind=kind,
+            warnings=warnings,
         )
 
     def preprocess_image(self, image: ImageInput) -> PackedSample:
         """One image → its :class:`PackedSample` (``t = 1``, temporal position 0)."""
-        return self._sample([_pixels(image, "image")], (0,), 1)
+        return self._sample([_pixels(image, "image")], (0,), 1, "image")
+
+    def preprocess_file(self, path: str | Path, num_frames: int | None = None) -> PackedSample:
+        """One media file → its :class:`PackedSample`, read as a video or an image by what it is."""
+        if is_video_file(path):
+            return self.preprocess_video(path, num_frames)
+        return self.preprocess_image(path)
 
     def preprocess_video(self, video: VideoInput, num_frames: int | None = None) -> PackedSample:
         """One video → its :class:`PackedSample`: ``num_frames`` (default: the processor's) frames
@@ -353,7 +364,7 @@ class LlavaViTPackingImageProcessor(BaseImageProcessor):
         num_frames = self.num_frames if num_frames is None else check_positive_int("num_frames", num_frames)
         if isinstance(video, (str, Path)):
             clip = read_video(video, num_frames)
-            return self._sample(list(clip.frames), clip.frame_indices, clip.total_frames)
+            return self._sample(list(clip.frames), clip.frame_indices, clip.total_frames, "video")
         if isinstance(video, (np.ndarray, torch.Tensor)):
             if video.ndim not in (3, 4):
                 raise ValueError(
@@ -367,7 +378,7 @@ class LlavaViTPackingImageProcessor(BaseImageProcessor):
             raise ValueError("video has no frames")
         indices = sample_frame_indices(len(video), num_frames)
         frames = [_pixels(video[i], f"video frame {i}") for i in indices]
-        return self._sample(frames, indices, len(video))
+        return self._sample(frames, indices, len(video), "video")
 
     @staticmethod
     def pack(samples: Sequence[PackedSample]) -> BatchFeature:

@@ -4,13 +4,16 @@ Every picture follows the seed's recipe: an RGB image, resized (by default each 
 patch multiple with PIL bicubic), then torchvision's ``ToTensor`` + ``Normalize`` and the seed's
 ``(h, w, C, p, p)`` patch layout. The same float32 operations run once on the whole picture (or
 clip), on pixels put in patch order while they are still bytes, so results are bit-identical to
-the seed's. Videos are decoded with PyAV, converting only the sampled frames to RGB,
-and their frames are placed in the source model's 64-frame temporal context (DESIGN §2, Positions).
+the seed's. Files are read as a viewer shows them: EXIF orientation, high bit depths scaled to 8
+bits, transparency over a background colour, a video's display matrix, animated GIF/APNG/WebP as
+videos. Videos are decoded with PyAV, converting only the sampled frames to RGB, and their frames
+are placed in the source model's 64-frame temporal context.
 """
 
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,47 +32,162 @@ from ..model.positions import (
     interpolate_frame_indices,
 )
 from ..validation import check_positive_int
-from .video import is_video_file, read_video, sample_frame_indices
+from .codec import CodecSaliency, check_codec_options, fuse_saliency, read_video_with_motion, residual_energy, select_patches
+from .video import (
+    ANIMATED_IMAGE_FORMATS,
+    VideoClip,
+    is_animated_image,
+    is_video_file,
+    media_read_error,
+    read_video,
+    sample_frame_indices,
+)
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 RESIZE_MODES = ("floor", "fixed", "budget")
+VIDEO_SAMPLINGS = ("uniform", "codec")
 ImageInput = Union[str, Path, Image.Image, np.ndarray, torch.Tensor]
 """A path, a PIL image (any mode), an ``(H, W[, C])`` array or a ``(C, H, W)`` tensor; C in 1, 3, 4."""
 VideoInput = Union[str, Path, np.ndarray, torch.Tensor, Sequence[ImageInput]]
 """A video file, a ``(T, H, W[, C])`` array, a ``(T, C, H, W)`` tensor, or a sequence of frames."""
 
-def load_image(image: str | Path | Image.Image) -> Image.Image:
-    """An RGB PIL image: EXIF orientation applied, any mode converted with PIL's ``convert("RGB")``.
+WHITE = (255, 255, 255)
+HIGH_BIT_DEPTH_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I", "F"})
+"""PIL modes of 16-bit, 32-bit integer and floating-point gray pictures: scaled to 8 bits, not clipped."""
+_READ_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
+"""What Pillow raises for a file it cannot read (turned into an error naming the file)."""
 
-    As in PIL (and torchvision), RGBA loses its alpha channel without compositing, and CMYK, L, P
-    and the other modes use PIL's own conversions.
+
+def check_background(background) -> tuple[int, int, int]:
+    """``background`` as an ``(R, G, B)`` tuple of ints in 0..255, or a ValueError saying what was given."""
+    if (not isinstance(background, (list, tuple)) or len(background) != 3
+            or not all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 255 for v in background)):
+        raise ValueError(f"background must be 3 integers in 0..255 (R, G, B), got {background!r}")
+    return tuple(int(v) for v in background)
+
+
+def load_image(image: str | Path | Image.Image, background: Sequence[int] = WHITE) -> Image.Image:
+    """An RGB PIL image as an image viewer shows it.
+
+    EXIF orientation is applied. 8-bit modes (L, P, CMYK, YCbCr, ...) use PIL's ``convert("RGB")``;
+    16-bit, 32-bit integer and float gray modes are scaled to 8 bits (see :func:`eight_bit_gray`);
+    transparent and translucent pixels are composited on ``background`` (an opaque picture keeps
+    exactly its ``convert("RGB")`` pixels). An animated file gives its first frame. A file that
+    cannot be read raises an error naming it and saying why.
     """
+    background = check_background(background)
     if isinstance(image, (str, Path)):
-        with Image.open(image) as opened:
-            opened.load()
-            image = _upright_rgb(opened)
-        return image
+        return _open_image(image, background)[0]
     if not isinstance(image, Image.Image):
         raise TypeError(f"image must be a path or a PIL.Image.Image, got {type(image).__name__}")
-    return _upright_rgb(image)
+    return _upright_rgb(image, background)
 
 
-def _upright_rgb(image: Image.Image) -> Image.Image:
+def _open_image(path: str | Path, background: tuple[int, int, int]) -> tuple[Image.Image, tuple[str, ...]]:
+    """The picture in the file at ``path`` as :func:`load_image` gives it, and a note when the file
+    is an animation read as its first frame."""
+    try:
+        with Image.open(path) as opened:
+            frames = opened.n_frames if opened.format in ANIMATED_IMAGE_FORMATS and getattr(opened, "is_animated", False) else 1
+            opened.load()
+            picture = _upright_rgb(opened, background)
+    except _READ_ERRORS as error:
+        raise media_read_error(path, "image", error) from error
+    if frames == 1:
+        return picture, ()
+    return picture, (f"animated image with {frames} frames read as its first frame; "
+                     f"preprocess_file or preprocess_video read it as a video",)
+
+
+def read_animation(path: str | Path, num_frames: int = 8, background: Sequence[int] = WHITE) -> VideoClip:
+    """``num_frames`` frames spread uniformly over the animated GIF, APNG or WebP at ``path`` (all,
+    if it has fewer), chosen by frame count as :func:`~llava_vit.processing.video.read_video` chooses
+    a video's (frame durations are not used). Each frame is the whole canvas as a viewer shows it at
+    that point (Pillow applies the frames' disposal and blending), transparency on ``background``."""
+    num_frames = check_positive_int("num_frames", num_frames)
+    background = check_background(background)
+    try:
+        with Image.open(path) as opened:
+            total = getattr(opened, "n_frames", 1)
+            indices = sample_frame_indices(total, num_frames)
+            frames = []
+            for index in indices:
+                opened.seek(index)
+                frames.append(np.asarray(_upright_rgb(opened, background)))
+    except _READ_ERRORS as error:
+        raise media_read_error(path, "animated image", error) from error
+    return VideoClip(np.stack(frames), tuple(indices), total)
+
+
+def _upright_rgb(image: Image.Image, background: tuple[int, int, int] = WHITE) -> Image.Image:
     if image.getexif().get(ExifTags.Base.Orientation, 1) != 1:
         image = ImageOps.exif_transpose(image)
     if image.mode == "RGB":
         return image
+    if image.mode in HIGH_BIT_DEPTH_MODES:
+        image = eight_bit_gray(image)
+    if image.has_transparency_data:
+        return _composited(image, background)
     try:
         return image.convert("RGB")
     except ValueError as error:
         raise ValueError(f"cannot convert a PIL image of mode {image.mode!r} to RGB: {error}") from error
 
 
-def _pixels(image: ImageInput, name: str) -> Image.Image | np.ndarray:
-    """One picture as an RGB PIL image, or an ``(H, W, 3)`` uint8 or float32 array."""
-    if isinstance(image, (str, Path, Image.Image)):
-        return load_image(image)
+def eight_bit_gray(image: Image.Image) -> Image.Image:
+    """A 16-bit, 32-bit integer or float gray picture as 8-bit ``"L"`` (``"LA"`` when a value is
+    marked transparent), as viewers show it instead of clipping at 255.
+
+    16-bit values keep their high byte (``v >> 8``, as Pillow reads 16-bit RGB PNGs, so a 16-bit
+    gray picture and its 16-bit RGB twin give the same pixels); 32-bit integers in 0..65535 are
+    taken as 16-bit (Pillow opens some 16-bit files as mode ``"I"``); floats in [0, 1] are scaled
+    by 255 (the convention of float pictures, as for float arrays), rounded. Other value ranges
+    are stretched from their minimum to their maximum; NaN becomes 0.
+    """
+    values = np.asarray(image)
+    if image.mode == "F":
+        values = values.astype(np.float64)
+        finite = np.isfinite(values)
+        low, high = (values[finite].min(), values[finite].max()) if finite.any() else (0.0, 1.0)
+        eight = _stretched(values, low, high) if low < 0 or high > 1 else np.clip(values, 0, 1) * 255
+        eight = np.where(np.isnan(eight), 0, np.round(eight))
+    else:
+        low, high = (int(values.min()), int(values.max())) if values.size else (0, 0)
+        eight = values >> 8 if low >= 0 and high <= 65535 else np.round(_stretched(values.astype(np.float64), low, high))
+    gray = Image.fromarray(np.ascontiguousarray(eight, dtype=np.uint8), "L")
+    transparent = image.info.get("transparency")
+    if isinstance(transparent, (int, float)):
+        gray.putalpha(Image.fromarray(np.where(values == transparent, 0, 255).astype(np.uint8), "L"))
+    return gray
+
+
+def _stretched(values: np.ndarray, low: float, high: float) -> np.ndarray:
+    """``values`` mapped linearly from ``[low, high]`` onto ``[0, 255]`` (clipped; a flat picture keeps 0..255 clipped)."""
+    if high <= low:
+        return np.clip(values, 0, 255)
+    return np.clip((values - low) * (255 / (high - low)), 0, 255)
+
+
+def _composited(image: Image.Image, background: tuple[int, int, int]) -> Image.Image:
+    """A picture with an alpha channel or a transparent colour, over an opaque ``background``: what
+    viewers show. A fully opaque picture gives exactly ``image.convert("RGB")`` (the seed's pixels)."""
+    rgba = image if image.mode == "RGBA" else image.convert("RGBA")
+    alpha = rgba.getchannel("A")
+    if alpha.getextrema()[0] == 255:
+        return image.convert("RGB")
+    canvas = Image.new("RGB", rgba.size, background)
+    canvas.paste(rgba.convert("RGB"), mask=alpha)
+    return canvas
+
+
+def _pixels(image: ImageInput, name: str, background: tuple[int, int, int] = WHITE) -> Image.Image | np.ndarray:
+    """One picture as an RGB PIL image, or an ``(H, W, 3)`` uint8 or float32 array; alpha (a fourth
+    channel, or a PIL mode with transparency) composited on ``background``."""
+    if isinstance(image, (str, Path)):
+        return _open_image(image, background)[0]
+    if isinstance(image, Image.Image):
+        return _upright_rgb(image, background)
     if isinstance(image, torch.Tensor):
         tensor = image.detach().cpu()
         if tensor.dtype.is_floating_point:
@@ -93,12 +211,8 @@ def _pixels(image: ImageInput, name: str) -> Image.Image | np.ndarray:
             f"{name} must have 1 (gray), 3 (RGB) or 4 (RGBA) channels (arrays channel-last, tensors "
             f"channel-first), got {channels} in shape {tuple(image.shape)}"
         )
-    if channels == 1:
-        array = np.repeat(array, 3, axis=-1)
-    elif channels == 4:
-        array = array[..., :3]
-    if array.dtype == np.uint8:
-        return array
+    if array.dtype != np.uint8 and not np.issubdtype(array.dtype, np.floating):
+        raise TypeError(f"{name} pixels must be uint8 (0..255) or floating point (0..1), got dtype {array.dtype}")
     if np.issubdtype(array.dtype, np.floating):
         low, high = (float(array.min()), float(array.max())) if array.size else (0.0, 0.0)
         if low < 0.0 or high > 1.0:
@@ -106,8 +220,16 @@ def _pixels(image: ImageInput, name: str) -> Image.Image | np.ndarray:
                 f"{name}: floating-point pixels must be in [0, 1] (what ToTensor gives), got values in "
                 f"[{low:.3g}, {high:.3g}]; pass uint8 pixels (0..255) or divide by 255 (not normalized pixels)"
             )
-        return np.ascontiguousarray(array, dtype=np.float32)
-    raise TypeError(f"{name} pixels must be uint8 (0..255) or floating point (0..1), got dtype {array.dtype}")
+    if channels == 1:
+        array = np.repeat(array, 3, axis=-1)
+    elif channels == 4 and array.dtype == np.uint8:
+        return _composited(Image.fromarray(np.ascontiguousarray(array), "RGBA"), background)
+    elif channels == 4:
+        alpha = array[..., 3:].astype(np.float32)
+        array = array[..., :3] * alpha + np.asarray(background, np.float32) / 255 * (1 - alpha)
+    if array.dtype == np.uint8:
+        return array
+    return np.ascontiguousarray(array, dtype=np.float32)
 
 
 def _size_of(pixels: Image.Image | np.ndarray) -> tuple[int, int]:
@@ -160,6 +282,15 @@ class PackedSample:
     """``"image"`` or ``"video"``: what the source is (a one-frame video stays a video)."""
     warnings: tuple[str, ...] = ()
     """What a user should know about how this input was read (e.g. a damaged video cut short)."""
+    kept_indices: torch.Tensor | None = None
+    """Codec-sampled videos: ``(N,)`` long, ascending indices of the kept patches in the
+    ``sampled_grid_thw`` grid of the sampled frames (``None``: every patch is there). Row ``i`` of
+    ``hidden_states`` is patch ``kept_indices[i]``; ``grid_thw`` is then ``(1, 1, N)``, which
+    gives the model the token count, and ``patch_positions`` the true ``[t, h, w]``."""
+    sampled_grid_thw: tuple[int, int, int] | None = None
+    """Codec-sampled videos: ``(T, h, w)`` patch grid of all sampled frames, before selection."""
+    codec: CodecSaliency | None = None
+    """Codec-sampled videos: the patch scores and the cost (seconds) of sampling this clip."""
 
     @property
     def num_tokens(self) -> int:
@@ -193,6 +324,21 @@ class LlavaViTPackingImageProcessor(BaseImageProcessor):
         temporal_context: frames of the temporal context the model was trained with; a video's
             ``T`` frames get temporal positions ``round(i / (T-1) * (temporal_context-1))``.
         num_frames: frames sampled uniformly from each video (all of them, if it has fewer).
+        max_tokens: most tokens one input may have (all frames of a uniformly sampled video
+            together, one frame of a codec-sampled one); a larger picture is scaled down, aspect
+            kept, until it fits, and its sample says so in ``warnings``. ``None``: no limit.
+        video_sampling: ``"uniform"`` (every patch of ``num_frames`` frames) or ``"codec"``
+            (the salient patches of ``temporal_context`` frames, see
+            :mod:`llava_vit.processing.codec` and docs/CODEC_SAMPLING.md).
+        patch_budget: ``"codec"``: most patches kept per video (the first frame included).
+        keep_first_frame: ``"codec"``: keep every patch of the first sampled frame.
+        motion_weight, residual_weight: ``"codec"``: weights of the motion-vector term and of
+            the residual proxy in a patch's score (each term in ``[0, 1]``).
+        min_score: ``"codec"``: patches scoring at most this are never kept, so a static clip
+            spends little beyond its first frame; ``None`` fills the budget.
+        background: ``(R, G, B)`` 0..255 colour that transparent and translucent pixels (RGBA,
+            LA, palette transparency, 4-channel arrays) are composited on, as a viewer shows them;
+            white by default. Opaque pictures are unaffected, bit for bit.
     """
 
     model_input_names = ["hidden_states", "grid_thw", "patch_positions"]
@@ -212,6 +358,14 @@ class LlavaViTPackingImageProcessor(BaseImageProcessor):
         max_pixels: int | None = None,
         temporal_context: int = SOURCE_TEMPORAL_CONTEXT,
         num_frames: int = 8,
+        max_tokens: int | None = None,
+        video_sampling: str = "uniform",
+        patch_budget: int = 4096,
+        keep_first_frame: bool = True,
+        motion_weight: float = 1.0,
+        residual_weight: float = 1.0,
+        min_score: float | None = 0.02,
+        background: Sequence[int] = WHITE,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -241,6 +395,17 @@ class LlavaViTPackingImageProcessor(BaseImageProcessor):
         self.max_pixels = max_pixels
         self.temporal_context = check_positive_int("temporal_context", temporal_context)
         self.num_frames = check_positive_int("num_frames", num_frames)
+        self.max_tokens = None if max_tokens is None else check_positive_int("max_tokens", max_tokens)
+        if video_sampling not in VIDEO_SAMPLINGS:
+            raise ValueError(f"video_sampling must be one of {VIDEO_SAMPLINGS}, got {video_sampling!r}")
+        self.video_sampling = video_sampling
+        codec = check_codec_options(patch_budget, keep_first_frame, motion_weight, residual_weight, min_score)
+        self.patch_budget = codec["patch_budget"]
+        self.keep_first_frame = codec["keep_first_frame"]
+        self.motion_weight = codec["motion_weight"]
+        self.residual_weight = codec["residual_weight"]
+        self.min_score = codec["min_score"]
+        self.background = check_background(background)
 
     def _check_size(self, size) -> dict[str, int] | None:
         if self.resize_mode != "fixed":
@@ -275,17 +440,45 @@ class LlavaViTPackingImageProcessor(BaseImageProcessor):
         if min_pixels is not None and max_pixels is not None and min_pixels > max_pixels:
             raise ValueError(f"min_pixels ({min_pixels}) must not exceed max_pixels ({max_pixels})")
 
-    def target_size(self, height: int, width: int) -> tuple[int, int]:
-        """``(height, width)`` a picture of this size is resized to, by ``resize_mode``."""
+    def target_size(self, height: int, width: int, frames: int = 1) -> tuple[int, int]:
+        """``(height, width)`` a picture of this size is resized to, by ``resize_mode``, then scaled
+        down until ``frames`` such pictures fit in ``max_tokens`` tokens."""
+        size = self._mode_size(height, width)
+        if self.max_tokens is None or frames * (size[0] // self.patch_size) * (size[1] // self.patch_size) <= self.max_tokens:
+            return size
+        p, per_frame = self.patch_size, self.max_tokens // frames
+        if self.resize_mode == "fixed" or per_frame < 1:
+            raise ValueError(
+                f"{frames} frame(s) of {size[1]}x{size[0]} pixels are "
+                f"{frames * (size[0] // p) * (size[1] // p)} tokens, more than max_tokens={self.max_tokens}; "
+                f"raise max_tokens{' or choose a smaller size' if self.resize_mode == 'fixed' else ' or sample fewer frames'}"
+            )
+        scale = math.sqrt(per_frame * p * p / (size[0] * size[1]))
+        capped = max(p, math.floor(size[0] * scale / p) * p), max(p, math.floor(size[1] * scale / p) * p)
+        if frames * (capped[0] // p) * (capped[1] // p) > self.max_tokens:
+            raise ValueError(
+                f"a {width}x{height} picture is too elongated to fit max_tokens={self.max_tokens} at patch "
+                f"size {p} without a side below one patch; raise max_tokens"
+            )
+        return capped
+
+    def _mode_size(self, height: int, width: int) -> tuple[int, int]:
         p = self.patch_size
         if self.resize_mode == "fixed":
             return self.size["height"], self.size["width"]
         if self.resize_mode == "budget":
             return smart_resize(height, width, p, self.min_pixels, self.max_pixels)
         if height < p or width < p:
+            if width < p and height < p:
+                problem = f"is smaller than one {p}x{p} patch"
+            elif width < p:
+                problem = f"is {width} pixels wide, narrower than one {p}-pixel patch, so no column of patches fits"
+            else:
+                problem = f"is {height} pixels high, shorter than one {p}-pixel patch, so no row of patches fits"
             raise ValueError(
-                f"a {width}x{height} picture is smaller than one {p}x{p} patch; use resize_mode='budget' "
-                f"or 'fixed' to upscale small pictures"
+                f"a {width}x{height} picture {problem}: resize_mode='floor' (the default) only crops each side "
+                f"to a multiple of {p} and never scales up; pass resize_mode='budget' (sides scaled to patch "
+                f"multiples, aspect kept, area set by min_pixels / max_pixels) or resize_mode='fixed' with a size"
             )
         return height // p * p, width // p * p
 
@@ -304,8 +497,9 @@ class LlavaViTPackingImageProcessor(BaseImageProcessor):
         ]
         return np.stack(channels, axis=-1)
 
-    def _patchify(self, frames: np.ndarray) -> torch.Tensor:
-        """``(T, H, W, 3)`` resized frames → ``(T*h*w, 3*p*p)`` normalized float32 patches.
+    def _patchify(self, frames: np.ndarray, keep: torch.Tensor | None = None) -> torch.Tensor:
+        """``(T, H, W, 3)`` resized frames → ``(T*h*w, 3*p*p)`` normalized float32 patches
+        (only the patches at the flat indices ``keep``, when given).
 
         Exactly ``ToTensor`` (8-bit pixels divided by 255) and ``Normalize`` (subtract the mean,
         divide by the std, in float32), applied to pixels already in patch order.
@@ -314,15 +508,17 @@ class LlavaViTPackingImageProcessor(BaseImageProcessor):
         t, height, width, channels = frames.shape
         h, w = height // p, width // p
         layout = torch.from_numpy(frames).view(t, h, p, w, p, channels).permute(0, 1, 3, 5, 2, 4)  # (t, h, w, C, p, p)
+        if keep is not None:
+            layout = layout[keep // (h * w), keep // w % h, keep % w]
         patches = torch.empty(layout.shape, dtype=torch.float32).copy_(layout)
         if frames.dtype == np.uint8 and self.do_rescale:
             patches.div_(1 / self.rescale_factor)
         if self.do_normalize:
             patches.sub_(torch.tensor(self.image_mean).view(3, 1, 1)).div_(torch.tensor(self.image_std).view(3, 1, 1))
-        return patches.view(t * h * w, channels * p * p)
+        return patches.view(-1, channels * p * p)
 
-    def _sample(self, frames: list[Image.Image | np.ndarray], frame_indices, total_frames: int, kind: str,
-                warnings: tuple[str, ...] = ()) -> PackedSample:
+    def _resized_frames(self, frames: list[Image.Image | np.ndarray]) -> tuple[tuple[int, int], np.ndarray]:
+        """The frames' common ``(height, width)``, and the ``(T, H, W, 3)`` frames resized to the target size."""
         original = _size_of(frames[0])
         for i, frame in enumerate(frames):
             if _size_of(frame) != original:
@@ -330,15 +526,25 @@ class LlavaViTPackingImageProcessor(BaseImageProcessor):
                     f"all frames of a video must have one size: frame {i} is {_size_of(frame)[::-1]} (WxH), "
                     f"frame 0 is {original[::-1]}"
                 )
-        size = self.target_size(*original)
+        size = self.target_size(*original, frames=len(frames) if self.video_sampling == "uniform" else 1)
         arrays = [self._resized(frame, size) for frame in frames]
         if len({a.dtype for a in arrays}) > 1:
             raise ValueError("frames of a video must be all 8-bit or all floating point, got a mix")
-        t, p = len(arrays), self.patch_size
-        h, w = size[0] // p, size[1] // p
+        return original, np.stack(arrays)
+
+    def _sample(self, frames: list[Image.Image | np.ndarray], frame_indices, total_frames: int, kind: str,
+                warnings: tuple[str, ...] = ()) -> PackedSample:
+        original, resized = self._resized_frames(frames)
+        t, height, width, _ = resized.shape
+        h, w = height // self.patch_size, width // self.patch_size
         slots = interpolate_frame_indices(torch.arange(t)[None], t, self.temporal_context)
+        uncapped = self._mode_size(*original)
+        if uncapped != (height, width):
+            warnings = (*warnings, f"scaled down to {width}x{height} pixels ({t * h * w} tokens) to fit "
+                                   f"max_tokens={self.max_tokens}; {uncapped[1]}x{uncapped[0]} would be "
+                                   f"{t * (uncapped[0] // self.patch_size) * (uncapped[1] // self.patch_size)}")
         return PackedSample(
-            hidden_states=self._patchify(np.stack(arrays)),
+            hidden_states=self._patchify(resized),
             grid_thw=(t, h, w),
             patch_positions=compute_patch_positions_with_interpolated_temporal(slots, h, w),
             original_size=original,
@@ -349,22 +555,42 @@ class LlavaViTPackingImageProcessor(BaseImageProcessor):
         )
 
     def preprocess_image(self, image: ImageInput) -> PackedSample:
-        """One image → its :class:`PackedSample` (``t = 1``, temporal position 0)."""
-        return self._sample([_pixels(image, "image")], (0,), 1, "image")
+        """One image → its :class:`PackedSample` (``t = 1``, temporal position 0). An animated image
+        file gives its first frame, and ``warnings`` says so (:meth:`preprocess_file` reads it as a video)."""
+        if isinstance(image, (str, Path)):
+            picture, warnings = _open_image(image, self.background)
+            return self._sample([picture], (0,), 1, "image", warnings)
+        return self._sample([_pixels(image, "image", self.background)], (0,), 1, "image")
 
     def preprocess_file(self, path: str | Path, num_frames: int | None = None) -> PackedSample:
-        """One media file → its :class:`PackedSample`, read as a video or an image by what it is."""
+        """One media file → its :class:`PackedSample`, read as a video or an image by what it is: a
+        video extension, or an animated GIF, APNG or WebP (kind ``"video"``, frames sampled like a
+        video's), is a video; everything else, a one-frame GIF included, is an image."""
         if is_video_file(path):
             return self.preprocess_video(path, num_frames)
         return self.preprocess_image(path)
 
     def preprocess_video(self, video: VideoInput, num_frames: int | None = None) -> PackedSample:
         """One video → its :class:`PackedSample`: ``num_frames`` (default: the processor's) frames
-        sampled uniformly, temporal positions spread over the temporal context."""
+        sampled uniformly, temporal positions spread over the temporal context.
+
+        With ``video_sampling="codec"``, ``num_frames`` (default: ``temporal_context``) frames are
+        sampled and only their salient patches kept (see :meth:`preprocess_video_codec`).
+        """
+        if self.video_sampling == "codec":
+            return self.preprocess_video_codec(video, num_frames)
         num_frames = self.num_frames if num_frames is None else check_positive_int("num_frames", num_frames)
         if isinstance(video, (str, Path)):
-            clip = read_video(video, num_frames)
-            return self._sample(list(clip.frames), clip.frame_indices, clip.total_frames, "video")
+            if is_animated_image(video):
+                clip = read_animation(video, num_frames, self.background)
+            else:
+                clip = read_video(video, num_frames)
+            return self._sample(list(clip.frames), clip.frame_indices, clip.total_frames, "video", clip.warnings)
+        frames, indices = self._frames_in_memory(video, num_frames)
+        return self._sample(frames, indices, len(video), "video")
+
+    def _frames_in_memory(self, video: VideoInput, num_frames: int) -> tuple[list[Image.Image | np.ndarray], list[int]]:
+        """``num_frames`` frames sampled uniformly from a video array, tensor or frame list, and their indices."""
         if isinstance(video, (np.ndarray, torch.Tensor)):
             if video.ndim not in (3, 4):
                 raise ValueError(
@@ -377,8 +603,68 @@ class LlavaViTPackingImageProcessor(BaseImageProcessor):
         if len(video) == 0:
             raise ValueError("video has no frames")
         indices = sample_frame_indices(len(video), num_frames)
-        frames = [_pixels(video[i], f"video frame {i}") for i in indices]
-        return self._sample(frames, indices, len(video), "video")
+        return [_pixels(video[i], f"video frame {i}", self.background) for i in indices], indices
+
+    def preprocess_video_codec(self, video: VideoInput, num_frames: int | None = None) -> PackedSample:
+        """One video → the :class:`PackedSample` of its salient patches (whatever ``video_sampling`` says).
+
+        ``num_frames`` (default ``temporal_context``, at most that) frames are sampled uniformly,
+        every patch scored by motion vectors and the residual proxy, and at most ``patch_budget``
+        patches kept (:mod:`llava_vit.processing.codec`). A file is decoded in full up to its
+        last sampled frame for the motion vectors; frames in memory (arrays, frame lists) have
+        none and are scored by the residual proxy alone.
+        """
+        num_frames = self.temporal_context if num_frames is None else check_positive_int("num_frames", num_frames)
+        if num_frames > self.temporal_context:
+            raise ValueError(
+                f"codec sampling places frames in the {self.temporal_context}-frame temporal context; "
+                f"num_frames must be at most {self.temporal_context}, got {num_frames}"
+            )
+        start = time.perf_counter()
+        if isinstance(video, (str, Path)):
+            clip = read_video_with_motion(video, num_frames, self.patch_size, self.target_size, self._resized)
+            frames, motion, indices, total = clip.frames, clip.motion, clip.frame_indices, clip.total_frames
+            original, has_vectors, decoded = clip.original_size, clip.has_motion_vectors, clip.decoded_frames
+            warnings = clip.warnings
+        else:
+            sampled, indices = self._frames_in_memory(video, num_frames)
+            original, frames = self._resized_frames(sampled)
+            total, has_vectors, decoded, warnings = len(video), False, 0, ()
+            p = self.patch_size
+            motion = np.zeros((frames.shape[0], frames.shape[1] // p, frames.shape[2] // p), dtype=np.float32)
+        decoded_at = time.perf_counter()
+        residual = residual_energy(frames, self.patch_size)
+        scores = fuse_saliency(motion, residual, self.patch_size, self.motion_weight, self.residual_weight)
+        scored_at = time.perf_counter()
+        kept = select_patches(scores, self.patch_budget, self.keep_first_frame, self.min_score)
+        t, h, w = scores.shape
+        slots = interpolate_frame_indices(torch.arange(t)[None], t, self.temporal_context)[0]
+        positions = torch.stack((slots[kept // (h * w)], kept // w % h, kept % w), dim=-1)
+        hidden_states = self._patchify(frames, kept)
+        done = time.perf_counter()
+        if not has_vectors:
+            warnings += ("no motion vectors (intra-only stream, a codec without export, or frames in memory): "
+                         "patches scored by the residual proxy alone",)
+        return PackedSample(
+            hidden_states=hidden_states,
+            grid_thw=(1, 1, len(kept)),
+            patch_positions=positions,
+            original_size=original,
+            frame_indices=tuple(int(i) for i in indices),
+            total_frames=total,
+            kind="video",
+            warnings=tuple(warnings),
+            kept_indices=kept,
+            sampled_grid_thw=(t, h, w),
+            codec=CodecSaliency(
+                scores=torch.from_numpy(scores),
+                motion=torch.from_numpy(motion),
+                residual=torch.from_numpy(residual),
+                has_motion_vectors=has_vectors,
+                decoded_frames=decoded,
+                seconds={"decode": decoded_at - start, "score": scored_at - decoded_at, "select": done - scored_at},
+            ),
+        )
 
     @staticmethod
     def pack(samples: Sequence[PackedSample]) -> BatchFeature:

@@ -1,4 +1,4 @@
-"""The seed's conversion script, kept runnable verbatim; the work is ``llava-vit convert``.
+"""The seed's conversion script path, kept runnable verbatim; the work is ``llava-vit convert``.
 
     python model_factory/convert_llava_vit_packing_to_hf.py MODEL_NAME CKPT \\
         [--target_model_name NAME] [--output_dir DIR]
@@ -6,8 +6,8 @@
 ``MODEL_NAME`` is the source variant (``llava_vit_large_ln``); the target defaults to
 ``hf_llava_vit_packing_<size>_ln`` and the output to ``<CKPT stem>_hf_packing`` beside the
 checkpoint. The written folder is verified against the source model (see
-:mod:`llava_vit.conversion.command`). The seed's examples also import the video position helpers
-from here, so they are re-exported.
+:mod:`llava_vit.conversion.verify`). The original product document's examples also import the
+video position helpers from here, so they are re-exported.
 """
 
 from __future__ import annotations

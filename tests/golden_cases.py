@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 from conftest import GOLDEN_DIR
 from llava_vit import LlavaViTPackingConfig, compute_patch_positions_with_interpolated_temporal
 from llava_vit.processing import patchify  # noqa: F401  (re-exported for the tests)
+from llava_vit.reference import video_in_context
 
 MANIFEST = json.loads((GOLDEN_DIR / "manifest.json").read_text())
 SET_NAMES = tuple(MANIFEST)
@@ -56,14 +57,13 @@ def load_cases(set_name: str, patch: int) -> list[GoldenCase]:
             src_args, src_kwargs = (px,), {}
         else:
             video = d["video"]
-            c, t, hh, ww = video.shape[1:]
+            t, hh, ww = video.shape[2:]
             h, w = hh // patch, ww // patch
             hs, grid = patchify(video[0], patch), torch.tensor([[t, h, w]])
             pos = compute_patch_positions_with_interpolated_temporal(d["interpolated_indices"], h, w)
             if "visible_indices" in d:  # timm source: the 64-frame context with the frames at their slots
-                padded = torch.zeros(1, c, 64, hh, ww)
-                padded[:, :, d["interpolated_indices"][0]] = video
-                src_args, src_kwargs = (padded,), {"visible_indices": d["visible_indices"]}
+                padded, visible = video_in_context(video, d["interpolated_indices"], patch)
+                src_args, src_kwargs = (padded,), {"visible_indices": visible}
             else:  # HF twin: the real frames and their positions
                 src_args, src_kwargs = (video,), {"patch_positions": d["patch_positions"]}
         cases.append(GoldenCase(set_name, case["id"], hs, grid, pos, src_args, src_kwargs, last, pooled))

@@ -25,6 +25,7 @@ from conftest import GOLDEN_DIR, REPO_ROOT
 from golden_cases import MANIFEST, SET_NAMES, load_cases, pack, source_path
 import llava_vit
 from llava_vit.conversion import command as conversion_command
+from llava_vit.conversion import verify as conversion_verify
 from llava_vit import LlavaViTPackingModel
 from llava_vit.cli import main
 
@@ -197,9 +198,9 @@ def test_packed_folder_is_not_converted_again(tmp_path, capsys):
 
 def test_synthetic_picture_without_matplotlib(monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)
-    image, description = conversion_command.load_photo()
+    image, description = conversion_verify.load_photo()
     assert "synthetic" in description and image.size == (512, 600) and image.mode == "RGB"
-    assert image.tobytes() == conversion_command.load_photo()[0].tobytes()
+    assert image.tobytes() == conversion_verify.load_photo()[0].tobytes()
 
 
 def test_overwrite_never_deletes_the_source(tmp_path, capsys):

@@ -1,4 +1,4 @@
-"""Converted checkpoints reproduce the original implementation's outputs (DESIGN §8), float32 CPU."""
+"""Converted checkpoints reproduce the original implementation's outputs (tests/data/golden), float32 CPU."""
 
 from __future__ import annotations
 
@@ -51,6 +51,32 @@ def test_source_model_reproduces_golden(name):
             last, pooled = out.last_hidden_state, out.pooler_output
         assert (last[0] - case.last_hidden_state).abs().max() <= TOL, case.case_id
         assert (pooled - case.pooler_output).abs().max() <= TOL, case.case_id
+
+
+def test_video_context_recipe_gives_the_golden_visible_indices():
+    """``video_in_context`` builds the source's video input exactly as the original implementation did."""
+    from safetensors.torch import load_file
+
+    from conftest import GOLDEN_DIR
+    from golden_cases import MANIFEST
+    from llava_vit.reference import video_in_context
+
+    checked = 0
+    for set_name, entry in MANIFEST.items():
+        for case in entry["cases"]:
+            d = load_file(str(GOLDEN_DIR / case["file"]))
+            if "visible_indices" not in d:
+                continue
+            patch = architecture_config(set_name).patch_size
+            padded, visible = video_in_context(d["video"], d["interpolated_indices"], patch)
+            assert torch.equal(visible, d["visible_indices"]), case["id"]
+            slots = d["interpolated_indices"][0]
+            assert torch.equal(padded[:, :, slots], d["video"])
+            others = torch.ones(64, dtype=torch.bool)
+            others[slots] = False
+            assert padded.shape[2] == 64 and not padded[:, :, others].any()
+            checked += 1
+    assert checked >= 2
 
 
 @torch.no_grad()

@@ -11,6 +11,7 @@ from llava_vit import (
     compute_patch_positions_with_interpolated_temporal,
     interpolate_frame_indices,
 )
+from llava_vit.reference import video_in_context
 from model_pairs import source_and_packed
 
 P = 8
@@ -21,14 +22,11 @@ def image(h: int, w: int, seed: int) -> torch.Tensor:
     return torch.randn(1, 3, h, w, generator=torch.Generator().manual_seed(seed))
 
 
-def video_in_context(frames: int, h: int, w: int, seed: int):
+def clip_in_context(frames: int, h: int, w: int, seed: int):
     """A clip, the source's 64-frame padded input + visible indices, and the packed positions."""
     clip = torch.randn(1, 3, frames, h, w, generator=torch.Generator().manual_seed(seed))
     slots = interpolate_frame_indices(torch.arange(frames)[None], torch.tensor([frames]))
-    padded = torch.zeros(1, 3, 64, h, w)
-    padded[:, :, slots[0]] = clip
-    per_frame = (h // P) * (w // P)
-    visible = (slots[0][:, None] * per_frame + torch.arange(per_frame)).reshape(1, -1)
+    padded, visible = video_in_context(clip, slots, P)
     positions = compute_patch_positions_with_interpolated_temporal(slots, h // P, w // P)
     return clip, (padded,), {"visible_indices": visible}, positions
 
@@ -41,7 +39,7 @@ def sample_inputs(kind: str, seed: int):
         grid = torch.tensor([[1, h // P, w // P]])
         return patchify(px[0], P), grid, compute_patch_positions_from_grid_thw(grid), (px,), {}
     frames, h, w = {"video_8f": (8, 32, 32), "video_5f": (5, 24, 40)}[kind]
-    clip, args, kwargs, positions = video_in_context(frames, h, w, seed)
+    clip, args, kwargs, positions = clip_in_context(frames, h, w, seed)
     return patchify(clip[0], P), torch.tensor([[frames, h // P, w // P]]), positions, args, kwargs
 
 

@@ -1,4 +1,4 @@
-"""The source models: the unpacked encoder the weights were trained in (DESIGN §4).
+"""The source models: the unpacked encoder the weights were trained in (docs/ARCHITECTURE.md).
 
 Two parameter layouts of one network, both taking batches of equal-shape images ``(B, C, H, W)``
 or videos ``(B, C, T, H, W)``:
@@ -13,6 +13,8 @@ They serve as the conversion source, the reference the packed model is verified 
 unpacked baseline in the benchmarks. For a video, ``visible_indices`` ``(B, N)`` selects which of
 the ``T*h*w`` patch tokens enter the transformer, and their RoPE positions are taken from the full
 ``T x h x w`` grid at those indices; ``patch_positions`` ``(B, N, 3)`` overrides the positions.
+The source was trained on videos in a 64-frame temporal context; :func:`video_in_context` builds
+that input from sampled frames.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from .model.configuration import LlavaViTConfig, OneVisionEncoderConfig
 from .model.modeling import LlavaViTPackingMLP, init_weights, make_norm
+from .model.positions import SOURCE_TEMPORAL_CONTEXT
 from .model.rope import apply_rope, rope_cos_sin
 
 
@@ -60,6 +63,26 @@ def embed_patches(
             )
         grid = patch_positions.to(pixels.device)
     return tokens, grid
+
+
+def video_in_context(
+    clips: torch.Tensor, slots: torch.Tensor, patch_size: int, context: int = SOURCE_TEMPORAL_CONTEXT
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The source model's input for clips placed in its temporal context.
+
+    ``clips`` ``(B, C, T, H, W)``; ``slots`` ``(B, T)`` the context frame of each clip frame (from
+    :func:`~llava_vit.interpolate_frame_indices`). Returns ``(B, C, context, H, W)`` pixels with
+    frame ``i`` at ``slots[:, i]`` and zeros elsewhere, and ``visible_indices`` ``(B, T*h*w)``
+    selecting exactly the clip frames' tokens, so the source attends over the real frames at
+    their context positions (the packed model gets the same positions through ``patch_positions``).
+    """
+    batch, channels, frames, height, width = clips.shape
+    per_frame = (height // patch_size) * (width // patch_size)
+    slots = slots.to(clips.device)
+    padded = clips.new_zeros(batch, channels, context, height, width)
+    padded.scatter_(2, slots[:, None, :, None, None].expand(-1, channels, -1, height, width), clips)
+    visible = (slots[..., None] * per_frame + torch.arange(per_frame, device=clips.device)).reshape(batch, -1)
+    return padded, visible
 
 
 def random_visible_indices(batch: int, num_tokens: int, mask_ratio: float, device) -> torch.Tensor:

@@ -1,5 +1,6 @@
 """Checkpoint conversion: timm-source files and HF LlavaViT / OneVision-Encoder folders to the
-packed layout (DESIGN §5), with strict key and shape accounting and the source's norm epsilons.
+packed layout (docs/ARCHITECTURE.md, "Checkpoint layouts"), with strict key and shape accounting
+and the source's norm epsilons.
 
 Loading is always ``weights_only``: a pickle that needs code to load is refused.
 """
@@ -10,6 +11,7 @@ import io
 import json
 import pickle
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +33,25 @@ PROGRESS_MIN_BYTES = 256 * 2**20
 
 class ConversionError(ValueError):
     """A checkpoint that cannot be converted exactly; the message says which keys or fields."""
+
+
+def already_packed_error(what: str) -> ConversionError:
+    """The refusal of a checkpoint that is already in the packed layout."""
+    return ConversionError(
+        f"{what} is already in the packed layout (patch_embed.proj.weight): load it with "
+        f"LlavaViTPackingModel.from_pretrained instead of converting it"
+    )
+
+
+def ambiguous_architecture_error(shapes: dict[str, Any], reason: str) -> ConversionError:
+    """The refusal of a checkpoint whose head count nothing decides (``reason`` says what was missing)."""
+    return ConversionError(
+        f"ambiguous architecture: the head count is in no tensor shape, these shapes (hidden_size="
+        f"{shapes['hidden_size']}, layers={shapes['num_hidden_layers']}, intermediate_size="
+        f"{shapes['intermediate_size']}, patch_size={shapes['patch_size']}) match no known variant, and {reason}; "
+        f"give num_attention_heads: a config in Python, or on the command line --config FILE.json with e.g. "
+        f'{{"num_attention_heads": {max(1, shapes["hidden_size"] // 64)}}}'
+    )
 
 
 # ---- reading ----------------------------------------------------------------------------------
@@ -187,11 +208,7 @@ def _resolve_architecture(state, layout, config) -> tuple[dict[str, Any], str]:
             )
         return {**shapes, **given}, "the given config"
     if how == "ambiguous":
-        raise ConversionError(
-            f"the checkpoint's shapes (hidden_size={shapes['hidden_size']}, layers={shapes['num_hidden_layers']}, "
-            f"intermediate_size={shapes['intermediate_size']}, patch_size={shapes['patch_size']}) match no known "
-            f"variant and the head count cannot be read from tensors: pass a config with num_attention_heads"
-        )
+        raise ambiguous_architecture_error(shapes, "no config was given")
     return shapes, how
 
 
@@ -312,46 +329,62 @@ def read_checkpoint(src: str | Path) -> tuple[dict[str, torch.Tensor], str, dict
     return state, detect_layout(state), None
 
 
-def packing_config_for(state, layout: str, hf_config: dict | None, config=None) -> tuple[LlavaViTPackingConfig, str]:
-    """The packed config for a checkpoint, with the epsilons its source used; and where the architecture came from.
+def packing_config_for(
+    state, layout: str, hf_config: dict | None, config=None
+) -> tuple[LlavaViTPackingConfig, str, str]:
+    """The packed config for a checkpoint, with the epsilons its source used; and where the
+    architecture and the epsilons came from (for reports).
 
     timm source: the source's epsilons whatever ``config`` says (it supplies the architecture only).
     HF folder: its ``config.json`` (``layer_norm_eps`` for every norm, head included).
+    HF-layout weights without a ``config.json``: ``config``'s epsilons, else the HF default 1e-6.
     """
     if hf_config is not None and config is None:
         config = LlavaViTConfig(**{k: v for k, v in hf_config.items() if k in ARCH_FIELDS + ("layer_norm_eps", "hidden_act")})
-        how = "the folder's config.json"
         arch, _ = _resolve_architecture(state, layout, config)
+        arch_from = "the folder's config.json"
     else:
-        arch, how = _resolve_architecture(state, layout, config)
+        arch, arch_from = _resolve_architecture(state, layout, config)
     if layout == "timm_source":
-        eps = SOURCE_EPS[arch["layer_norm_type"]]
+        eps, eps_from = SOURCE_EPS[arch["layer_norm_type"]], "the timm source's PyTorch defaults"
     elif hf_config is not None:
-        eps = dict(layer_norm_eps=hf_config.get("layer_norm_eps", 1e-6), head_norm_eps=hf_config.get("layer_norm_eps", 1e-6))
+        value = hf_config.get("layer_norm_eps", 1e-6)
+        eps, eps_from = dict(layer_norm_eps=value, head_norm_eps=value), "the folder's config.json"
+    elif config is not None:
+        eps = dict(layer_norm_eps=config.layer_norm_eps, head_norm_eps=config.head_norm_eps)
+        eps_from = "the given config (HF-layout weights without a config.json)"
     else:
-        eps = dict(layer_norm_eps=config.layer_norm_eps, head_norm_eps=config.head_norm_eps) if config else {}
-    return LlavaViTPackingConfig(**{**arch, **eps}), how
+        eps, eps_from = {}, "HF default (HF-layout weights without a config.json)"
+    return LlavaViTPackingConfig(**{**arch, **eps}), arch_from, eps_from
+
+
+@dataclass
+class Conversion:
+    """A checkpoint in the packed layout: the model (holding the checkpoint's tensors, not copies)
+    and where its architecture and norm epsilons came from."""
+
+    model: LlavaViTPackingModel
+    architecture_from: str
+    eps_from: str
 
 
 def convert_state_dict(
     state: dict[str, torch.Tensor], layout: str, hf_config: dict | None = None, config=None, *, what: str = "checkpoint"
-) -> tuple[LlavaViTPackingModel, str]:
-    """The packed model holding ``state``'s tensors (not copied), and where its architecture came from.
+) -> Conversion:
+    """The packed model holding ``state``'s tensors, with where its architecture and epsilons came from.
 
     ``state``, ``layout`` and ``hf_config`` are what :func:`read_checkpoint` returns; ``what``
     names the checkpoint in errors.
     """
     if layout == "packing":
-        raise ConversionError(
-            f"{what} is already in the packed layout: load it with LlavaViTPackingModel.from_pretrained"
-        )
-    packing_config, how = packing_config_for(state, layout, hf_config, config)
+        raise already_packed_error(what)
+    packing_config, arch_from, eps_from = packing_config_for(state, layout, hf_config, config)
     packed = to_packing_state_dict(state, layout)
     with torch.device("meta"):
         model = LlavaViTPackingModel(packing_config)
     check_state_dict_matches(model, packed, what)
     model.load_state_dict(packed, strict=True, assign=True)
-    return model.eval(), how
+    return Conversion(model.eval(), arch_from, eps_from)
 
 
 def convert_checkpoint(src: str | Path, *, config: LlavaViTPackingConfig | LlavaViTConfig | None = None) -> LlavaViTPackingModel:
@@ -361,21 +394,30 @@ def convert_checkpoint(src: str | Path, *, config: LlavaViTPackingConfig | Llava
     Weights keep the checkpoint's dtype and are not copied (the model takes the loaded tensors).
     """
     state, layout, hf_config = read_checkpoint(src)
-    return convert_state_dict(state, layout, hf_config, config, what=f"checkpoint {src}")[0]
+    return convert_state_dict(state, layout, hf_config, config, what=f"checkpoint {src}").model
+
+
+def source_model(
+    state: dict[str, torch.Tensor], layout: str, config: LlavaViTPackingConfig, *, what: str = "checkpoint"
+) -> LlavaViT | LlavaViTModel:
+    """The source model holding ``state`` (timm :class:`LlavaViT` or HF :class:`LlavaViTModel`), for verification.
+
+    ``config`` is the checkpoint's packed config (from :func:`packing_config_for`, or the
+    converted model's), so both models compute with the same architecture and epsilons. The
+    parameters are ``state``'s tensors upcast to float32 (no copy when they already are).
+    """
+    if layout not in ("timm_source", "hf"):
+        raise ConversionError(f"{what}: a {layout} checkpoint has no separate source model")
+    fields = {k: getattr(config, k) for k in ARCH_FIELDS + ("layer_norm_eps", "head_norm_eps")}
+    with torch.device("meta"):
+        model = (LlavaViT if layout == "timm_source" else LlavaViTModel)(LlavaViTConfig(**fields))
+    check_state_dict_matches(model, state, what)
+    model.load_state_dict(state, strict=True, assign=True)
+    return model.float().eval()
 
 
 def build_source_model(src: str | Path, *, config: LlavaViTPackingConfig | LlavaViTConfig | None = None):
-    """The source model of a checkpoint (timm :class:`LlavaViT` or HF :class:`LlavaViTModel`), for verification.
-
-    Its parameters are the loaded tensors, upcast to float32 (no copy when they already are).
-    """
+    """The source model of a checkpoint file or folder (see :func:`source_model`)."""
     state, layout, hf_config = read_checkpoint(src)
-    packing_config, _ = packing_config_for(state, layout, hf_config, config)
-    fields = {k: getattr(packing_config, k) for k in ARCH_FIELDS + ("layer_norm_eps", "head_norm_eps")}
-    if layout not in ("timm_source", "hf"):
-        raise ConversionError("a packing checkpoint has no separate source model")
-    with torch.device("meta"):
-        model = (LlavaViT if layout == "timm_source" else LlavaViTModel)(LlavaViTConfig(**fields))
-    check_state_dict_matches(model, state, f"checkpoint {src}")
-    model.load_state_dict(state, strict=True, assign=True)
-    return model.float().eval()
+    packing_config, _, _ = packing_config_for(state, layout, hf_config, config)
+    return source_model(state, layout, packing_config, what=f"checkpoint {src}")

@@ -9,6 +9,8 @@ from .model.positions import (
     compute_patch_positions_with_interpolated_temporal,
     interpolate_frame_indices,
 )
+from .encoding.pipeline import EncodeError, EncodeSummary, encode_files
+from .encoding.store import FeatureStore, StoreError
 from .processing import (
     LlavaViTPackingImageProcessor,
     batch_images_to_packing_input,
@@ -20,6 +22,11 @@ from .processing import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "encode_files",
+    "EncodeError",
+    "EncodeSummary",
+    "FeatureStore",
+    "StoreError",
     "LlavaViTConfig",
     "LlavaViTPackingConfig",
     "LlavaViTPackingModel",

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .encoding.command import add_encode_arguments, run_encode
+
 
 def add_conversion_options(parser: argparse.ArgumentParser) -> None:
     """Options shared by ``llava-vit convert`` and the seed's ``model_factory/convert_llava_vit_packing_to_hf.py``."""
@@ -28,17 +30,9 @@ def build_parser() -> argparse.ArgumentParser:
                                        'e.g. {"num_attention_heads": 16}')
     add_conversion_options(convert)
 
-    encode = sub.add_parser("encode", help="encode images and videos into patch features and pooled vectors")
-    encode.add_argument("inputs", nargs="+", help="image/video files, folders or glob patterns")
-    encode.add_argument("--model", required=True, help="converted model folder, or a variant name (random weights)")
-    encode.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    encode.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None)
-    encode.add_argument("--max-tokens", type=int, default=16384, help="token budget of one packed forward pass")
-    encode.add_argument("--frames", type=int, default=None,
-                        help="frames sampled uniformly from each video "
-                             "(default: the model folder's preprocessor_config.json, else 8)")
-    encode.add_argument("--output", default="llava_vit_features", help="output folder")
-    encode.add_argument("--visualize", action="store_true", help="write a PCA picture of the patch features per input")
+    encode = sub.add_parser("encode", help="encode images and videos into a feature store",
+                            description="Encode images and videos into a feature store (see docs/ENCODING.md).")
+    add_encode_arguments(encode)
     return parser
 
 
@@ -48,8 +42,6 @@ def main(argv: list[str] | None = None) -> int:
         from .conversion.command import run_convert
 
         return run_convert(args)
-    from .encoding.command import run_encode
-
     return run_encode(args)
 
 

@@ -84,7 +84,7 @@ def load_image(image: str | Path | Image.Image, background: Sequence[int] = WHIT
     return _upright_rgb(image, background)
 
 
-def _open_image(path: str | Path, background: tuple[int, int, int]) -> tuple[Image.Image, tuple[str, ...]]:
+def _open_image(path: str | Path, background: Sequence[int]) -> tuple[Image.Image, tuple[str, ...]]:
     """The picture in the file at ``path`` as :func:`load_image` gives it, and a note when the file
     is an animation read as its first frame."""
     try:
@@ -120,7 +120,7 @@ def read_animation(path: str | Path, num_frames: int = 8, background: Sequence[i
     return VideoClip(np.stack(frames), tuple(indices), total)
 
 
-def _upright_rgb(image: Image.Image, background: tuple[int, int, int] = WHITE) -> Image.Image:
+def _upright_rgb(image: Image.Image, background: Sequence[int] = WHITE) -> Image.Image:
     if image.getexif().get(ExifTags.Base.Orientation, 1) != 1:
         image = ImageOps.exif_transpose(image)
     if image.mode == "RGB":
@@ -169,19 +169,19 @@ def _stretched(values: np.ndarray, low: float, high: float) -> np.ndarray:
     return np.clip((values - low) * (255 / (high - low)), 0, 255)
 
 
-def _composited(image: Image.Image, background: tuple[int, int, int]) -> Image.Image:
+def _composited(image: Image.Image, background: Sequence[int]) -> Image.Image:
     """A picture with an alpha channel or a transparent colour, over an opaque ``background``: what
     viewers show. A fully opaque picture gives exactly ``image.convert("RGB")`` (the seed's pixels)."""
     rgba = image if image.mode == "RGBA" else image.convert("RGBA")
     alpha = rgba.getchannel("A")
     if alpha.getextrema()[0] == 255:
         return image.convert("RGB")
-    canvas = Image.new("RGB", rgba.size, background)
+    canvas = Image.new("RGB", rgba.size, tuple(background))
     canvas.paste(rgba.convert("RGB"), mask=alpha)
     return canvas
 
 
-def _pixels(image: ImageInput, name: str, background: tuple[int, int, int] = WHITE) -> Image.Image | np.ndarray:
+def _pixels(image: ImageInput, name: str, background: Sequence[int] = WHITE) -> Image.Image | np.ndarray:
     """One picture as an RGB PIL image, or an ``(H, W, 3)`` uint8 or float32 array; alpha (a fourth
     channel, or a PIL mode with transparency) composited on ``background``."""
     if isinstance(image, (str, Path)):
@@ -335,7 +335,7 @@ class LlavaViTPackingImageProcessor(BaseImageProcessor):
         motion_weight, residual_weight: ``"codec"``: weights of the motion-vector term and of
             the residual proxy in a patch's score (each term in ``[0, 1]``).
         min_score: ``"codec"``: patches scoring at most this are never kept, so a static clip
-            spends little beyond its first frame; ``None`` fills the budget.
+            spends little beyond its first frame; a negative value fills the budget.
         background: ``(R, G, B)`` 0..255 colour that transparent and translucent pixels (RGBA,
             LA, palette transparency, 4-channel arrays) are composited on, as a viewer shows them;
             white by default. Opaque pictures are unaffected, bit for bit.
@@ -364,7 +364,7 @@ class LlavaViTPackingImageProcessor(BaseImageProcessor):
         keep_first_frame: bool = True,
         motion_weight: float = 1.0,
         residual_weight: float = 1.0,
-        min_score: float | None = 0.02,
+        min_score: float = 0.02,
         background: Sequence[int] = WHITE,
         **kwargs,
     ):
@@ -405,7 +405,7 @@ class LlavaViTPackingImageProcessor(BaseImageProcessor):
         self.motion_weight = codec["motion_weight"]
         self.residual_weight = codec["residual_weight"]
         self.min_score = codec["min_score"]
-        self.background = check_background(background)
+        self.background = list(check_background(background))  # a list, as JSON gives it back
 
     def _check_size(self, size) -> dict[str, int] | None:
         if self.resize_mode != "fixed":

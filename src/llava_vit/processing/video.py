@@ -71,8 +71,8 @@ def describe_read_error(error: BaseException) -> str:
     if isinstance(error, av.error.FFmpegError) or (isinstance(error, OSError) and error.errno is not None):
         return (error.strerror or type(error).__name__).lower()
     text = str(error)
-    if text.startswith("image file is truncated"):
-        return "the image data is cut short (the file is truncated)"
+    if text.startswith(("image file is truncated", "Truncated File Read")):
+        return "the image data ends early (the file is truncated or damaged)"
     if isinstance(error, OSError):
         return f"the image data is damaged ({text})"
     return text or type(error).__name__

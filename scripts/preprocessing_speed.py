@@ -5,7 +5,7 @@
 MEDIA_DIR defaults to ``../shared/media`` beside the repository (or ``$LLAVA_VIT_SHARED/media``).
 Prints per-item time and items/s (best and median of the repeats) of: the whole image path from the
 file, the same from an already decoded PIL image, the seed's recipe on that image, the two photos
-through the encode command's reader threads, square JPEGs cut from the first photo (the sizes of
+through the encode pipeline's reader processes, square JPEGs cut from the first photo (the sizes of
 the GPU benchmark's workloads, to set against the model's images/s there), and the 8-frame video
 path from each clip file.
 """
@@ -13,7 +13,6 @@ path from each clip file.
 from __future__ import annotations
 
 import argparse
-import functools
 import os
 import statistics
 import tempfile
@@ -24,7 +23,7 @@ import torch
 import torchvision.transforms as T
 from PIL import Image
 
-from llava_vit.encoding.command import _prefetched, _read
+from llava_vit.encoding.pipeline import read_samples
 from llava_vit.processing import CLIP_MEAN, CLIP_STD, LlavaViTPackingImageProcessor
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -79,15 +78,15 @@ def main() -> None:
             f"{path.name}: from decoded PIL": lambda: processor.preprocess_image(rgb),
             f"{path.name}: seed recipe from decoded PIL": lambda: seed_recipe(rgb, args.patch_size),
         }, args.repeats))
-    workers = min(8, os.cpu_count() or 1)
-    read = functools.partial(_read, processor, None)
+    workers = min(16, max(1, (os.cpu_count() or 2) - 2))
 
     def read_files(paths: list[Path]) -> None:
-        """Through the encode command's reader threads."""
-        list(_prefetched(read, paths, workers))
+        """Through the encode pipeline's reader processes."""
+        for _, _, error in read_samples(paths, processor, None, workers):
+            assert error is None, error
 
     batch = photos * 10
-    label = f"both photos x10 from files, {workers} reader threads"
+    label = f"both photos x10 from files, {workers} reader processes"
     report(timings({label: lambda: read_files(batch)}, 5), len(batch))
     with tempfile.TemporaryDirectory() as folder, Image.open(photos[0]) as photo:
         for side in args.squares:
@@ -97,7 +96,7 @@ def main() -> None:
                 square = photo.crop((left, 0, left + photo.height, photo.height)).resize((side, side))
                 squares.append(Path(folder) / f"{side}_{i}.jpg")
                 square.save(squares[-1], quality=90)
-            label = f"{side}x{side} JPEGs from files, {workers} reader threads"
+            label = f"{side}x{side} JPEGs from files, {workers} reader processes"
             report(timings({label: lambda: read_files(squares)}, 5), len(squares))
     report(timings({f"{path.name}: 8 frames from file": lambda path=path: processor.preprocess_video(path, 8)
                     for path in clips}, args.repeats), unit="videos")

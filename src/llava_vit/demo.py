@@ -18,8 +18,7 @@ import numpy as np
 from matplotlib import cbook
 from PIL import Image
 
-from .cli import build_parser
-from .encoding.command import run_encode
+from .encoding.pipeline import encode_files
 
 SAMPLE_PHOTOS = ("grace_hopper.jpg", "Minduka_Present_Blue_Pack.png")
 VIDEO_CODECS = ("libx264", "h264", "mpeg4")
@@ -79,23 +78,22 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     output = Path(args.output)
-    (output / "inputs").mkdir(parents=True, exist_ok=True)
+    inputs, store = output / "inputs", output / "features"
+    inputs.mkdir(parents=True, exist_ok=True)
     photos = [Path(cbook.get_sample_data(name, asfileobj=False)) for name in SAMPLE_PHOTOS]
-    clip = output / "inputs" / "grace_hopper_zoom.mp4"
+    clip = inputs / "grace_hopper_zoom.mp4"
     with Image.open(photos[0]) as photo:
         codec = write_video(clip, zoom_pan_frames(photo.convert("RGB")))
     print(f"made {clip} (24 frames, {codec}) from {photos[0].name}")
 
-    encode = ["encode", *map(str, photos), str(clip), "--model", args.model, "--output", str(output), "--visualize"]
-    if args.device:
-        encode += ["--device", args.device]
-    status = run_encode(build_parser().parse_args(encode))
-    pictures = sorted(output.glob("*.png"))
+    summary = encode_files([*photos, clip], model=args.model, output=store, save="all", visualize=True,
+                           device=args.device, resume=store.exists())
+    print(summary.line())
     print("pictures (each frame beside its patch features' first 3 principal components as RGB):")
-    for picture in pictures:
+    for picture in sorted((store / "pictures").glob("*.png")):
         print(f"  {picture}")
-    print(f"features: {output}/*.safetensors, listed in {output / 'index.json'}")
-    return status
+    print(f"features: the feature store {store}/; read it with llava_vit.FeatureStore({str(store)!r})")
+    return 1 if summary.failed else 0
 
 
 if __name__ == "__main__":

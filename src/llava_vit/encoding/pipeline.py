@@ -192,6 +192,15 @@ def _unbatched(item):
     return item
 
 
+def read_samples(files: Sequence[Path], processor: LlavaViTPackingImageProcessor, num_frames: int | None,
+                 workers: int) -> Iterator[tuple[int, PackedSample | None, str | None]]:
+    """``(i, sample, None)`` or ``(i, None, error)`` for each file, in order, preprocessed by
+    ``workers`` DataLoader processes (0: in this process) at most ``4 * workers`` inputs ahead."""
+    loader = DataLoader(_Reads(files, processor, num_frames), batch_size=None, shuffle=False, num_workers=workers,
+                        collate_fn=_unbatched, prefetch_factor=4 if workers else None)
+    yield from loader
+
+
 def pack_window(tokens: Sequence[int], max_tokens: int) -> list[list[int]]:
     """Positions in ``tokens`` grouped into passes of at most ``max_tokens`` tokens, largest first
     (first-fit decreasing; ties in input order). An input larger than ``max_tokens`` runs alone."""
@@ -419,12 +428,6 @@ class _Run:
         self._pictures: set[str] = set()
 
     # --- plan -----------------------------------------------------------------------------------
-    def _samples(self) -> Iterator[tuple[int, PackedSample | None, str | None]]:
-        loader = DataLoader(_Reads(self.files, self.encoder.processor, self.num_frames), batch_size=None,
-                            shuffle=False, num_workers=self.workers, collate_fn=_unbatched,
-                            prefetch_factor=4 if self.workers else None, persistent_workers=False)
-        yield from loader
-
     def _plan(self, passes: queue.Queue) -> None:
         """Cut the samples into shards and windows, and queue each window's passes, then its shard's end."""
         try:
@@ -434,7 +437,8 @@ class _Run:
             shard_bytes = 0
             window_tokens = 0
             bytes_per_token = self.encoder.model.config.hidden_size * self.save_dtype.itemsize
-            for i, sample, error in self._samples():
+            for i, sample, error in read_samples(self.files, self.encoder.processor, self.num_frames,
+                                                 self.workers):
                 if self.stop.is_set():
                     return
                 shard.append(i)

@@ -1,4 +1,4 @@
-"""Shared test fixtures: the vendored golden vectors, the optional ../shared media, tiny configs."""
+"""Shared test fixtures: the vendored golden vectors, the optional ../shared media; tests marked ``cuda`` skip without a GPU."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ HAS_CUDA = torch.cuda.is_available()
 
 
 def pytest_collection_modifyitems(config, items):
-    skip_cuda = pytest.mark.skip(reason="needs a CUDA GPU; run on the device machine")
+    skip_cuda = pytest.mark.skip(reason="needs a CUDA GPU")
     for item in items:
         if "cuda" in item.keywords and not HAS_CUDA:
             item.add_marker(skip_cuda)

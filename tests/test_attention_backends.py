@@ -12,7 +12,15 @@ import torch.nn.functional as F
 
 import llava_vit.model.modeling
 from llava_vit import LlavaViTPackingConfig, LlavaViTPackingModel
-from llava_vit.model.attention import PackedSeqs, check_attn_implementation, resolve_attn_implementation, varlen_attention
+from llava_vit.model.attention import (
+    PackedSeqs,
+    auto_attn_implementation,
+    check_attn_implementation,
+    flash_attn_available,
+    resolve_attn_implementation,
+    torch_varlen_available,
+    varlen_attention,
+)
 from model_pairs import TINY, randomize_
 
 
@@ -59,6 +67,32 @@ def test_resolution_rules():
         resolve_attn_implementation("varlen", cpu, torch.bfloat16)
     with pytest.raises(ValueError, match="must be one of"):
         check_attn_implementation("eager")
+
+
+BF16, FP16, FP32 = torch.bfloat16, torch.float16, torch.float32
+AUTO_CASES = [  # (device type, dtype, lengths, flash-attn installed, torch varlen present) -> backend
+    ("cpu", FP32, (3, 5), True, True, "sdpa"),
+    ("cpu", BF16, (3, 5), True, True, "sdpa"),
+    ("cuda", FP32, (3, 5), True, True, "sdpa"),
+    ("cuda", BF16, (4, 4, 4), True, True, "sdpa"),  # equal lengths: one batched SDPA call (cuDNN)
+    ("cuda", FP16, (7,), True, True, "sdpa"),
+    ("cuda", BF16, (3, 5), True, True, "flash_attention_2"),
+    ("cuda", FP16, (3, 5), True, False, "flash_attention_2"),
+    ("cuda", BF16, (3, 5), False, True, "varlen"),
+    ("cuda", BF16, (3, 5), False, False, "sdpa"),
+    ("mps", FP16, (3, 5), True, True, "sdpa"),
+]
+
+
+@pytest.mark.parametrize("device_type, dtype, lengths, flash, varlen, expected", AUTO_CASES)
+def test_auto_choice(device_type, dtype, lengths, flash, varlen, expected):
+    assert auto_attn_implementation(device_type, dtype, lengths, flash, varlen) == expected
+
+
+def test_auto_resolution_uses_the_installed_kernels():
+    for device_type, dtype, lengths, *_ in AUTO_CASES:
+        expected = auto_attn_implementation(device_type, dtype, lengths, flash_attn_available(), torch_varlen_available())
+        assert resolve_attn_implementation("auto", torch.device(device_type), dtype, lengths) == expected
 
 
 def test_flash_attention_2_missing_package_raises_install_hint(monkeypatch):

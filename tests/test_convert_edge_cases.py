@@ -11,6 +11,7 @@ import torch
 from conftest import GOLDEN_DIR
 from llava_vit import LlavaViT, LlavaViTPackingConfig, LlavaViTPackingModel, source_config
 from llava_vit.conversion.convert import ConversionError, convert_checkpoint
+from model_pairs import TINY
 
 
 def test_given_head_count_wins_over_the_variant_guess(tmp_path):
@@ -33,8 +34,7 @@ def test_hf_folder_with_an_unsupported_activation_is_refused(tmp_path):
 
 
 def test_packed_folder_is_not_reconverted(tmp_path):
-    LlavaViTPackingModel(LlavaViTPackingConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1,
-                                               num_attention_heads=2, head_norm_eps=None)).save_pretrained(tmp_path)
+    LlavaViTPackingModel(LlavaViTPackingConfig(**TINY, head_norm_eps=None)).save_pretrained(tmp_path)
     with pytest.raises(ConversionError, match="already in the packed layout"):
         convert_checkpoint(tmp_path)
 

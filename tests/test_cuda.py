@@ -1,4 +1,4 @@
-"""GPU paths (run on the device machine; skipped on CPU-only machines)."""
+"""GPU paths (skipped on machines without a CUDA GPU)."""
 
 from __future__ import annotations
 
@@ -6,11 +6,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from golden_cases import SET_NAMES, architecture_config, load_cases, pack, source_path
+from golden_cases import SET_NAMES, architecture_config, load_cases, pack, patchify, source_path
 from llava_vit import LlavaViTPackingConfig, LlavaViTPackingModel, compute_patch_positions_from_grid_thw
 from llava_vit.model.attention import torch_varlen_available
 from llava_vit.conversion.convert import convert_checkpoint
-from model_pairs import source_and_packed
+from model_pairs import TINY, source_and_packed
 
 pytestmark = pytest.mark.cuda
 TOL = 1e-4
@@ -77,7 +77,7 @@ def test_packed_matches_source_on_cuda_float32():
     px = torch.randn(3, 3, 40, 56, device="cuda")
     ref = source(px)
     grid = torch.tensor([[1, 5, 7]] * 3)
-    hs = px.reshape(3, 3, 5, 8, 7, 8).permute(0, 2, 4, 1, 3, 5).reshape(-1, 192)
+    hs = torch.cat([patchify(image, 8) for image in px])
     out = packed(hs, grid)
     assert (out.last_hidden_state - ref["visible_embeddings"].reshape(-1, 64)).abs().max() <= 1e-4
     assert (out.pooler_output - ref["head_output"]).abs().max() <= 1e-4
@@ -86,8 +86,7 @@ def test_packed_matches_source_on_cuda_float32():
 @torch.no_grad()
 @pytest.mark.skipif(not torch_varlen_available(), reason="torch.nn.attention.varlen missing")
 def test_forward_has_no_host_sync_with_cpu_grid():
-    model = LlavaViTPackingModel(LlavaViTPackingConfig(hidden_size=128, num_attention_heads=2, intermediate_size=256,
-                                                       num_hidden_layers=2, patch_size=14)).to("cuda", torch.bfloat16)
+    model = LlavaViTPackingModel(LlavaViTPackingConfig(**TINY)).to("cuda", torch.bfloat16)
     grid = torch.tensor([[1, 16, 16], [8, 8, 8], [1, 10, 30]])
     hs = torch.randn(int(grid.prod(-1).sum()), model.config.patch_dim, device="cuda", dtype=torch.bfloat16)
     model(hs, grid)  # warm-up (kernel selection may sync once)
@@ -100,7 +99,7 @@ def test_forward_has_no_host_sync_with_cpu_grid():
         with_positions = model(hs, grid, positions)  # CUDA patch_positions: checked without reading values
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    assert out.pooler_output.shape == (3, 128)
+    assert out.pooler_output.shape == (3, TINY["hidden_size"])
     torch.testing.assert_close(with_positions.last_hidden_state, out.last_hidden_state)
 
 

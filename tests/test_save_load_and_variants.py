@@ -1,4 +1,4 @@
-"""Round trips through save_pretrained/from_pretrained, the Auto classes, and the variant table."""
+"""Round trips through save_pretrained/from_pretrained, the Auto classes, and the documented variant table."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from transformers import AutoConfig, AutoModel
 
 import llava_vit
 from llava_vit import LlavaViTPackingConfig, LlavaViTPackingModel
-from llava_vit.model.variants import PACKING_MODEL_NAMES, SOURCE_MODEL_NAMES, VARIANTS
+from llava_vit.model.variants import PACKING_MODEL_NAMES, SOURCE_MODEL_NAMES
 from model_pairs import TINY, randomize_
 
 
@@ -53,34 +53,68 @@ def test_onevision_encoder_folder_loads_with_auto_model():
     assert isinstance(model, llava_vit.OneVisionEncoderModel)
 
 
+DOCUMENTED_VARIANTS = {  # size: (hidden, layers, heads, head dim, MLP, patch), as in docs/ARCHITECTURE.md
+    "small": (384, 6, 6, 64, 1536, 16),
+    "base": (768, 12, 12, 64, 3072, 16),
+    "large": (1024, 24, 16, 64, 4096, 14),
+    "huge": (1280, 32, 20, 64, 5120, 14),
+    "giant": (1536, 40, 16, 96, 6144, 14),
+}
+
+
+def test_variant_names_are_the_documented_ones():
+    sizes = set(DOCUMENTED_VARIANTS)
+    assert set(PACKING_MODEL_NAMES) == {f"hf_llava_vit_packing_{size}_ln" for size in sizes}
+    assert set(SOURCE_MODEL_NAMES) == {f"llava_vit_{size}_ln" for size in sizes} | {"llava_vit_base_rms"}
+    assert set(timm.list_models("*llava_vit*")) == set(PACKING_MODEL_NAMES) | set(SOURCE_MODEL_NAMES)
+
+
 @pytest.mark.parametrize("name", sorted(PACKING_MODEL_NAMES))
-def test_packing_variants_have_the_table_shapes(name):
-    size = PACKING_MODEL_NAMES[name]
+def test_packing_variants_have_the_documented_shapes(name):
+    hidden, layers, heads, head_dim, mlp, patch = DOCUMENTED_VARIANTS[name.removeprefix("hf_llava_vit_packing_").removesuffix("_ln")]
     with torch.device("meta"):
         model = timm.create_model(name)
-    v = VARIANTS[size]
     assert isinstance(model, LlavaViTPackingModel)
-    assert model.patch_embed.proj.weight.shape == (v["hidden_size"], 3, v["patch_size"], v["patch_size"])
-    assert len(model.encoder.layers) == v["num_hidden_layers"]
+    assert model.patch_embed.proj.weight.shape == (hidden, 3, patch, patch)
+    assert len(model.encoder.layers) == layers
     layer = model.encoder.layers[0]
-    assert layer.self_attn.qkv.weight.shape == (3 * v["hidden_size"], v["hidden_size"])
-    assert layer.mlp.fc1.weight.shape == (v["intermediate_size"], v["hidden_size"])
-    assert layer.self_attn.num_heads == v["num_attention_heads"]
-    assert model.config.head_dim == {"giant": 96}.get(size, 64)
+    assert layer.self_attn.qkv.weight.shape == (3 * hidden, hidden)
+    assert layer.mlp.fc1.weight.shape == (mlp, hidden)
+    assert (layer.self_attn.num_heads, layer.self_attn.head_dim) == (heads, head_dim)
 
 
 @pytest.mark.parametrize("name", sorted(SOURCE_MODEL_NAMES))
-def test_source_variants_build_with_source_epsilons(name):
+def test_source_variants_have_the_documented_shapes_and_source_epsilons(name):
+    size, norm = name.removeprefix("llava_vit_").rsplit("_", 1)
+    hidden, layers, heads, head_dim, mlp, patch = DOCUMENTED_VARIANTS[size]
     with torch.device("meta"):
         model = timm.create_model(name)
-    size, norm = SOURCE_MODEL_NAMES[name]
-    assert len(model.transformer.layers) == VARIANTS[size]["num_hidden_layers"]
+    assert model.conv1.weight.shape == (hidden, 3, patch, patch)
+    assert len(model.transformer.layers) == layers
+    assert model.transformer.layers[0].mlp[0].weight.shape == (mlp, hidden)
+    assert model.transformer.layers[0].attn.num_heads == heads and hidden // heads == head_dim
     assert model.head.norm.eps is None
     pre = model.ln_pre
-    if norm == "layer_norm":
+    if norm == "ln":
         assert isinstance(pre, torch.nn.LayerNorm) and pre.eps == 1e-5
     else:
         assert isinstance(pre, torch.nn.RMSNorm) and pre.eps is None
+
+
+def test_auto_registration_leaves_a_model_type_it_does_not_own():
+    """A model_type transformers (or remote code) already owns keeps its classes; ours is skipped."""
+    from transformers import ViTConfig
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    from llava_vit.model.variants import register_auto_classes
+
+    class ClashingConfig(llava_vit.LlavaViTConfig):
+        model_type = "vit"
+
+    assert register_auto_classes(ClashingConfig, llava_vit.LlavaViTModel) is False
+    assert CONFIG_MAPPING["vit"] is ViTConfig
+    assert register_auto_classes(LlavaViTPackingConfig, LlavaViTPackingModel) is True  # ours: re-registered
+    assert CONFIG_MAPPING["llava_vit_packing"] is LlavaViTPackingConfig
 
 
 def test_pretrained_true_is_refused_with_a_reason():

@@ -206,8 +206,6 @@ CONFIG_CASES = {  # name: (config arguments, message fragment); all raise ValueE
     "head_dim the RoPE split cannot take": (
         dict(hidden_size=96, num_attention_heads=2), "head_dim = hidden_size / num_attention_heads = 96 / 2 = 48"),
     "hidden_size zero": (dict(hidden_size=0), "hidden_size must be a positive integer, got 0"),
-    "patch_size a string": (dict(patch_size="14"), "patch_size must be a positive integer, got '14'"),
-    "num_hidden_layers float": (dict(num_hidden_layers=2.0), "num_hidden_layers must be a positive integer, got 2.0"),
     "unknown layer_norm_type": (dict(layer_norm_type="batch_norm"), "layer_norm_type must be 'layer_norm' or 'rms_norm'"),
     "LayerNorm with eps None": (dict(layer_norm_eps=None), "layer_norm_eps=None (machine epsilon) is only valid with layer_norm_type='rms_norm'"),
     "negative layer_norm_eps": (dict(layer_norm_eps=-1e-6), "layer_norm_eps must be a non-negative number or None"),
@@ -223,6 +221,21 @@ CONFIG_CASES = {  # name: (config arguments, message fragment); all raise ValueE
 def test_config_rejects(name):
     kwargs, fragment = CONFIG_CASES[name]
     with pytest.raises(ValueError, match=re.escape(fragment)):
+        LlavaViTPackingConfig(**kwargs)
+
+
+CONFIG_TYPE_CASES = {  # name: (config arguments, message fragment); all raise TypeError
+    "patch_size a string": (dict(patch_size="14"), "patch_size must be a positive integer, got str '14'"),
+    "num_hidden_layers float": (dict(num_hidden_layers=2.0), "num_hidden_layers must be a positive integer, got float 2.0"),
+    "num_attention_heads bool": (dict(num_attention_heads=True), "num_attention_heads must be a positive integer, got bool True"),
+    "spatial_merge_size float": (dict(spatial_merge_size=1.0), "spatial_merge_size must be a positive integer, got float 1.0"),
+}
+
+
+@pytest.mark.parametrize("name", CONFIG_TYPE_CASES)
+def test_config_rejects_wrong_types(name):
+    kwargs, fragment = CONFIG_TYPE_CASES[name]
+    with pytest.raises(TypeError, match=re.escape(fragment)):
         LlavaViTPackingConfig(**kwargs)
 
 

@@ -340,7 +340,10 @@ def packing_config_for(
     HF-layout weights without a ``config.json``: ``config``'s epsilons, else the HF default 1e-6.
     """
     if hf_config is not None and config is None:
-        config = LlavaViTConfig(**{k: v for k, v in hf_config.items() if k in ARCH_FIELDS + ("layer_norm_eps", "hidden_act")})
+        try:
+            config = LlavaViTConfig(**{k: v for k, v in hf_config.items() if k in ARCH_FIELDS + ("layer_norm_eps", "hidden_act")})
+        except (TypeError, ValueError) as err:
+            raise ConversionError(f"the folder's config.json: {err}") from err
         arch, _ = _resolve_architecture(state, layout, config)
         arch_from = "the folder's config.json"
     else:

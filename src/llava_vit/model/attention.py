@@ -3,7 +3,7 @@
 Every backend computes, for each sample independently, ``softmax(q k^T * head_dim^-0.5) v`` on
 token-major tensors ``(total_tokens, heads, head_dim)``:
 
-- ``"flash_attention_2"``: ``flash_attn.flash_attn_varlen_func`` (the seed's kernel);
+- ``"flash_attention_2"``: ``flash_attn.flash_attn_varlen_func`` (the original implementation's kernel);
 - ``"varlen"``: PyTorch's own FlashAttention-2 varlen kernel, ``torch.nn.attention.varlen``
   (CUDA, float16/bfloat16);
 - ``"sdpa"``: ``torch.nn.functional.scaled_dot_product_attention`` on every device and dtype,
@@ -13,7 +13,11 @@ token-major tensors ``(total_tokens, heads, head_dim)``:
 on CUDA in half precision, a pack of equal-length samples runs as one SDPA batch with cuDNN
 attention first (1.4-1.8x the TFLOP/s of varlen FA2 on an H100 at head_dim 64, see
 ``bench/attention_kernels.py`` and docs/PERFORMANCE.md); other packs run flash-attn, else PyTorch
-varlen. Everything else runs SDPA.
+varlen. Everything else runs SDPA (:func:`auto_attn_implementation`).
+
+:func:`varlen_attention` is excluded from ``torch.compile`` (``torch.compiler.disable``): the
+kernels take host-side sequence lengths that would otherwise specialize a compiled graph to one
+pack, so compiled code around them serves packs of any lengths.
 """
 
 from __future__ import annotations
@@ -80,22 +84,31 @@ def check_attn_implementation(name: str | None) -> str:
     return name
 
 
+def auto_attn_implementation(
+    device_type: str, dtype: torch.dtype, lengths: tuple[int, ...], flash_attn: bool, torch_varlen: bool
+) -> str:
+    """The backend ``"auto"`` runs for a pack of sample ``lengths`` on ``device_type``/``dtype``,
+    given whether flash-attn and PyTorch's varlen kernel are installed."""
+    if device_type != "cuda" or dtype not in (torch.float16, torch.bfloat16):
+        return "sdpa"
+    if len(set(lengths)) == 1:
+        return "sdpa"
+    if flash_attn:
+        return "flash_attention_2"
+    if torch_varlen:
+        return "varlen"
+    return "sdpa"
+
+
 def resolve_attn_implementation(
     name: str | None, device: torch.device, dtype: torch.dtype, lengths: tuple[int, ...] = ()
 ) -> str:
     """The backend that runs for ``name`` on ``device``/``dtype`` and a pack of sample ``lengths``
-    (``"auto"`` picks the fastest, see the module docstring)."""
+    (``"auto"`` picks the fastest, see :func:`auto_attn_implementation`)."""
     name = check_attn_implementation(name)
-    half = dtype in (torch.float16, torch.bfloat16)
     if name == "auto":
-        if device.type == "cuda" and half and len(set(lengths)) == 1:
-            return "sdpa"
-        if device.type == "cuda" and half and flash_attn_available():
-            return "flash_attention_2"
-        if device.type == "cuda" and half and torch_varlen_available():
-            return "varlen"
-        return "sdpa"
-    if name in ("flash_attention_2", "varlen") and not (device.type == "cuda" and half):
+        return auto_attn_implementation(device.type, dtype, lengths, flash_attn_available(), torch_varlen_available())
+    if name in ("flash_attention_2", "varlen") and not (device.type == "cuda" and dtype in (torch.float16, torch.bfloat16)):
         raise ValueError(
             f"attn_implementation={name!r} runs FlashAttention kernels, which need a CUDA device and "
             f"float16/bfloat16; got device={device.type}, dtype={dtype}. Use 'sdpa' or 'auto'."
@@ -103,24 +116,31 @@ def resolve_attn_implementation(
     return name
 
 
+@torch.compiler.disable
 def varlen_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seqs_q: PackedSeqs, seqs_k: PackedSeqs, implementation: str
 ) -> torch.Tensor:
     """Attention of each query sample on its key sample; ``(Tq, H, hd)`` in, ``(Tq, H, hd)`` out."""
-    if implementation == "varlen":
-        from torch.nn.attention.varlen import varlen_attn
+    try:
+        kernel = ATTENTION_KERNELS[implementation]
+    except KeyError:
+        raise ValueError(f"unknown attention implementation {implementation!r}") from None
+    return kernel(q, k, v, seqs_q, seqs_k)
 
-        return varlen_attn(q, k, v, seqs_q.cu_seqlens, seqs_k.cu_seqlens, seqs_q.max_seqlen, seqs_k.max_seqlen)
-    if implementation == "flash_attention_2":
-        from flash_attn import flash_attn_varlen_func
 
-        return flash_attn_varlen_func(
-            q, k, v, seqs_q.cu_seqlens, seqs_k.cu_seqlens, seqs_q.max_seqlen, seqs_k.max_seqlen,
-            dropout_p=0.0, causal=False,
-        )
-    if implementation == "sdpa":
-        return _sdpa_varlen(q, k, v, seqs_q, seqs_k)
-    raise ValueError(f"unknown attention implementation {implementation!r}")
+def _torch_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seqs_q: PackedSeqs, seqs_k: PackedSeqs):
+    from torch.nn.attention.varlen import varlen_attn
+
+    return varlen_attn(q, k, v, seqs_q.cu_seqlens, seqs_k.cu_seqlens, seqs_q.max_seqlen, seqs_k.max_seqlen)
+
+
+def _flash_attn_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seqs_q: PackedSeqs, seqs_k: PackedSeqs):
+    from flash_attn import flash_attn_varlen_func
+
+    return flash_attn_varlen_func(
+        q, k, v, seqs_q.cu_seqlens, seqs_k.cu_seqlens, seqs_q.max_seqlen, seqs_k.max_seqlen,
+        dropout_p=0.0, causal=False,
+    )
 
 
 def _sdpa_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seqs_q: PackedSeqs, seqs_k: PackedSeqs):
@@ -161,3 +181,11 @@ def _shape_groups(lengths_q: tuple[int, ...], lengths_k: tuple[int, ...], device
             shape: (torch.tensor(rq, device=device), torch.tensor(rk, device=device))
             for shape, (rq, rk) in groups.items()
         }
+
+
+ATTENTION_KERNELS = {
+    "flash_attention_2": _flash_attn_varlen,
+    "varlen": _torch_varlen,
+    "sdpa": _sdpa_varlen,
+}
+"""Backend name -> its block-diagonal attention ``(q, k, v, seqs_q, seqs_k) -> out``."""

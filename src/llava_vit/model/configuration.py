@@ -4,13 +4,15 @@ from __future__ import annotations
 
 from transformers import PretrainedConfig
 
+from ..validation import check_positive_int
+
 _SAME_AS_LAYER_NORM = "same_as_layer_norm"
 
 
 class _LlavaViTArchitecture(PretrainedConfig):
     """Fields shared by both layouts, and the checks that reject impossible architectures.
 
-    The norm epsilons are part of a checkpoint's identity (DESIGN §2.8): ``layer_norm_eps`` is
+    The norm epsilons are part of a checkpoint's identity (docs/ARCHITECTURE.md, "Norm epsilons"): ``layer_norm_eps`` is
     used by every body norm and ``head_norm_eps`` by the pooling head's RMSNorm; either may be
     ``None``, the dtype's machine epsilon (PyTorch's RMSNorm default; RMSNorm only). When
     ``head_norm_eps`` is not given it follows ``layer_norm_eps``, as in HF-format checkpoints.
@@ -73,9 +75,7 @@ class _LlavaViTArchitecture(PretrainedConfig):
     def _validate_architecture(self) -> None:
         for name in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                      "num_channels", "patch_size"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+            setattr(self, name, check_positive_int(name, getattr(self, name)))
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(
                 f"hidden_size ({self.hidden_size}) must be divisible by num_attention_heads "
@@ -119,10 +119,8 @@ class LlavaViTPackingConfig(_LlavaViTArchitecture):
     def __init__(self, temporal_patch_size: int = 1, spatial_merge_size: int = 1, **kwargs):
         if temporal_patch_size != 1:
             raise ValueError(f"temporal_patch_size must be 1 (each patch is one frame), got {temporal_patch_size!r}")
-        if isinstance(spatial_merge_size, bool) or not isinstance(spatial_merge_size, int) or spatial_merge_size <= 0:
-            raise ValueError(f"spatial_merge_size must be a positive integer, got {spatial_merge_size!r}")
         self.temporal_patch_size = temporal_patch_size
-        self.spatial_merge_size = spatial_merge_size
+        self.spatial_merge_size = check_positive_int("spatial_merge_size", spatial_merge_size)
         super().__init__(**kwargs)
 
 

@@ -2,7 +2,7 @@
 
 Reads top-down in forward order: patch embedding, pre-norm, pre-norm residual layers with 3D
 RoPE attention that never crosses sample boundaries, post-norm, and the attention-pooling head
-that gives one vector per sample. The math is DESIGN §2, line for line.
+that gives one vector per sample. docs/ARCHITECTURE.md states the math this follows line for line.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from transformers import PreTrainedModel
 from transformers.activations import ACT2FN
+from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from .attention import PackedSeqs, check_attn_implementation, resolve_attn_implementation, varlen_attention
@@ -87,12 +88,11 @@ class LlavaViTPackingMLP(nn.Module):
         return self.fc2(self.act(self.fc1(x)))
 
 
-class LlavaViTPackingEncoderLayer(nn.Module):
+class LlavaViTPackingEncoderLayer(GradientCheckpointingLayer):
     """Pre-norm residual block: ``x + attn(norm1(x))``, then ``x + mlp(norm2(x))``.
 
-    Split around the attention kernel into :meth:`attention_inputs` and :meth:`finish`: the two
-    halves hold all the elementwise work and depend on no sequence lengths, so
-    :meth:`LlavaViTPackingModel.compile_fused` can compile them once for every pack.
+    A transformers ``GradientCheckpointingLayer``: ``model.gradient_checkpointing_enable(...)``
+    recomputes it in the backward pass with the user's checkpointing options.
     """
 
     def __init__(self, config: LlavaViTPackingConfig):
@@ -102,33 +102,23 @@ class LlavaViTPackingEncoderLayer(nn.Module):
         self.layer_norm2 = make_norm(config, config.hidden_size)
         self.mlp = LlavaViTPackingMLP(config)
 
-    def attention_inputs(self, x: torch.Tensor, rope: RotaryTables):
-        return self.self_attn.project(self.layer_norm1(x), rope)
-
-    def finish(self, x: torch.Tensor, attn_out: torch.Tensor) -> torch.Tensor:
-        x = x + self.self_attn.proj(attn_out.flatten(1))
-        return x + self.mlp(self.layer_norm2(x))
-
     def forward(self, x: torch.Tensor, rope: RotaryTables, seqs: PackedSeqs, backend: str) -> torch.Tensor:
-        q, k, v = self.attention_inputs(x, rope)
-        return self.finish(x, varlen_attention(q, k, v, seqs, seqs, backend))
+        q, k, v = self.self_attn.project(self.layer_norm1(x), rope)
+        x = x + self.self_attn.proj(varlen_attention(q, k, v, seqs, seqs, backend).flatten(1))
+        return x + self.mlp(self.layer_norm2(x))
 
 
 class LlavaViTPackingEncoder(nn.Module):
     def __init__(self, config: LlavaViTPackingConfig):
         super().__init__()
         self.layers = nn.ModuleList(LlavaViTPackingEncoderLayer(config) for _ in range(config.num_hidden_layers))
-        self.gradient_checkpointing = False
 
     def forward(self, x, rope: RotaryTables, seqs: PackedSeqs, backend: str, output_hidden_states: bool = False):
         states = []
         for layer in self.layers:
             if output_hidden_states:
                 states.append(x)
-            if self.gradient_checkpointing and self.training:
-                x = torch.utils.checkpoint.checkpoint(layer, x, rope, seqs, backend, use_reentrant=False)
-            else:
-                x = layer(x, rope, seqs, backend)
+            x = layer(x, rope, seqs, backend)
         if output_hidden_states:
             states.append(x)
         return x, tuple(states) if output_hidden_states else None
@@ -189,7 +179,7 @@ class LlavaViTPackingPreTrainedModel(PreTrainedModel):
 
 
 class LlavaViTPackingModel(LlavaViTPackingPreTrainedModel):
-    """Packed vision encoder. See DESIGN §1 for inputs and outputs.
+    """Packed vision encoder (docs/ARCHITECTURE.md, "The packing contract").
 
     Args of :meth:`forward`:
         hidden_states: ``(seq_len, C*p*p)`` flattened patches of every sample, concatenated
@@ -216,13 +206,13 @@ class LlavaViTPackingModel(LlavaViTPackingPreTrainedModel):
         self.post_init()
 
     def compile_fused(self, **compile_kwargs) -> LlavaViTPackingModel:
-        """Opt in to ``torch.compile`` for the elementwise work of every layer (norms, RoPE, GELU,
-        residuals fused around the matmuls); the attention kernel stays outside the compiled code,
-        so packs of any lengths reuse one compilation. Returns ``self``."""
+        """Opt in to ``torch.compile`` of every encoder layer (norms, RoPE, GELU and residuals fused
+        around the matmuls). The attention kernel is excluded from compilation
+        (:func:`~llava_vit.model.attention.varlen_attention`), so packs of any lengths reuse one
+        compilation. Returns ``self``."""
         options = {"dynamic": True, **compile_kwargs}
         for layer in self.encoder.layers:
-            layer.attention_inputs = torch.compile(layer.attention_inputs, **options)
-            layer.finish = torch.compile(layer.finish, **options)
+            layer.compile(**options)
         return self
 
     def forward(

@@ -1,6 +1,6 @@
 """3D rotary position embedding, split 4:6:6 over (t, h, w), with the interleaved rotation.
 
-The trained weights depend on two details that differ from the textbook RoPE (DESIGN §2.5):
+The trained weights depend on two details that differ from the textbook RoPE (docs/ARCHITECTURE.md):
 each axis has its own frequency ladder ``theta ** (-i / size_axis)``, and the rotation pairs
 elements (2j, 2j+1) while the angle table is ``concat(f, f)``, so the two elements of a pair are
 rotated by *different* frequencies.

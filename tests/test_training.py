@@ -1,0 +1,105 @@
+"""Training: gradients equal the source model's, and gradient checkpointing changes nothing but memory."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+
+import pytest
+import torch
+
+from golden_cases import patchify
+from llava_vit import (
+    compute_patch_positions_from_grid_thw,
+    compute_patch_positions_with_interpolated_temporal,
+    interpolate_frame_indices,
+)
+from llava_vit.conversion.convert import to_packing_state_dict
+from llava_vit.reference import video_in_context
+from model_pairs import TINY, source_and_packed
+
+P = TINY["patch_size"]
+
+
+def image_and_video(seed: int):
+    """An image ``(1, C, 24, 40)``, a 4-frame clip ``(1, C, 4, 16, 24)`` and the clip's context slots."""
+    gen = torch.Generator().manual_seed(seed)
+    image = torch.randn(1, 3, 3 * P, 5 * P, generator=gen)
+    clip = torch.randn(1, 3, 4, 2 * P, 3 * P, generator=gen)
+    return image, clip, interpolate_frame_indices(torch.arange(4)[None], 4)
+
+
+def packed_inputs(image, clip, slots):
+    """Both samples in one pack: ``hidden_states``, ``grid_thw``, ``patch_positions``."""
+    grid = torch.tensor([[1, 3, 5], [4, 2, 3]])
+    positions = torch.cat([compute_patch_positions_from_grid_thw(grid[:1]),
+                           compute_patch_positions_with_interpolated_temporal(slots, 2, 3)])
+    return torch.cat([patchify(image[0], P), patchify(clip[0], P)]), grid, positions
+
+
+def loss_weights(seed: int, tokens: int, dim: int, samples: int):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(tokens, dim, generator=gen), torch.randn(samples, dim, generator=gen)
+
+
+def packed_loss(model, inputs, weights):
+    out = model(*inputs)
+    return (out.last_hidden_state * weights[0]).sum() + (out.pooler_output * weights[1]).sum(), out
+
+
+def test_gradients_equal_the_source_model_for_images_and_video():
+    source, packed = source_and_packed(seed=11)
+    image, clip, slots = image_and_video(seed=12)
+    inputs = packed_inputs(image, clip, slots)
+    hidden_states = inputs[0].clone().requires_grad_()
+    weights = loss_weights(13, hidden_states.shape[0], TINY["hidden_size"], 2)
+    loss, _ = packed_loss(packed.train(), (hidden_states, *inputs[1:]), weights)
+    loss.backward()
+
+    image_px = image.clone().requires_grad_()
+    padded, visible = video_in_context(clip, slots, P)
+    padded.requires_grad_()
+    n_image = 15
+    source_loss = 0
+    for k, (args, kwargs) in enumerate((((image_px,), {}), ((padded,), {"visible_indices": visible}))):
+        out = source.train()(*args, **kwargs)
+        rows = weights[0][:n_image] if k == 0 else weights[0][n_image:]
+        source_loss = source_loss + (out["visible_embeddings"][0] * rows).sum() + (out["head_output"][0] * weights[1][k]).sum()
+    source_loss.backward()
+
+    torch.testing.assert_close(loss, source_loss, rtol=1e-5, atol=1e-4)
+    source_grads = to_packing_state_dict({name: p.grad for name, p in source.named_parameters()}, "timm_source")
+    for name, p in packed.named_parameters():
+        torch.testing.assert_close(p.grad, source_grads[name], rtol=1e-4, atol=1e-5, msg=name)
+    expected_input_grad = torch.cat([patchify(image_px.grad[0], P), patchify(padded.grad[0][:, slots[0]], P)])
+    torch.testing.assert_close(hidden_states.grad, expected_input_grad, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.filterwarnings("ignore:`gradient_checkpointing_enable` is deprecated:FutureWarning")
+def test_gradient_checkpointing_changes_neither_outputs_nor_gradients():
+    _, plain = source_and_packed(seed=21)
+    checkpointed = copy.deepcopy(plain)
+    calls = []
+
+    @contextlib.contextmanager
+    def counting():
+        calls.append(1)
+        yield
+
+    checkpointed.gradient_checkpointing_enable(
+        gradient_checkpointing_kwargs={"use_reentrant": False, "context_fn": lambda: (counting(), contextlib.nullcontext())}
+    )
+    inputs = packed_inputs(*image_and_video(seed=22))
+    weights = loss_weights(23, inputs[0].shape[0], TINY["hidden_size"], 2)
+    results = []
+    for model in (plain.train(), checkpointed.train()):
+        loss, out = packed_loss(model, inputs, weights)
+        loss.backward()
+        results.append((out, {name: p.grad for name, p in model.named_parameters()}))
+    assert len(calls) == TINY["num_hidden_layers"]  # the user's checkpoint options reached every layer
+    (out_a, grads_a), (out_b, grads_b) = results
+    assert torch.equal(out_a.last_hidden_state, out_b.last_hidden_state)
+    assert torch.equal(out_a.pooler_output, out_b.pooler_output)
+    assert grads_a.keys() == grads_b.keys()
+    for name in grads_a:
+        assert torch.equal(grads_a[name], grads_b[name]), name

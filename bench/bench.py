@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Benchmark the packed LlavaViT encoder against the unpacked source model (DESIGN §9).
+"""Benchmark the packed LlavaViT encoder against the unpacked source model.
 
 For every workload (a list of ``[t, height_px, width_px]`` samples): random pixels per sample,
 patchified into one ``(seq, C*p*p)`` pack on the device, ``grid_thw`` on the CPU; the packed
@@ -9,6 +9,11 @@ same weights encodes the same pixels as "batch identical shapes, loop over the r
 per distinct ``[t, h, w]``; videos as ``(B, C, T, H, W)``, all frames visible), timed the same
 way, and the two outputs are compared. MFU divides the analytic FLOPs (:data:`FLOP_FORMULA`) by
 the time and by the bf16 matmul rate measured in this run. See docs/PERFORMANCE.md.
+
+The workloads (``bench/workloads.json``, ViT-L/14): ``uniform_32x448`` (32 images 448x448),
+``many_small_256x224`` (256 images 224x224), ``mixed_48img_4vid`` (48 images whose height then
+width are drawn from 224..1008 in steps of 28 by ``random.Random(0).choice``, then four 8-frame
+224x224 videos) and ``video_8f_448`` (one 8-frame 448x448 video).
 
 Run from a checkout (the package need not be installed)::
 
@@ -140,19 +145,15 @@ def build_models(
 # ---- inputs ---------------------------------------------------------------------------------------
 
 
-def unpatchify(rows: torch.Tensor, grid: tuple[int, int, int], patch: int) -> torch.Tensor:
-    """Inverse of :func:`llava_vit.processing.patchify` for a ``(t, h, w)`` patch grid."""
-    t, h, w = grid
-    c = rows.shape[1] // (patch * patch)
-    return rows.reshape(t, h, w, c, patch, patch).permute(3, 0, 1, 4, 2, 5).reshape(c, t, h * patch, w * patch)
+def sample_pixels(samples: Sequence[Sequence[int]], channels: int, dtype, device, seed: int = 0) -> list[torch.Tensor]:
+    """Random pixels ``(C, T, H, W)`` per ``[t, height_px, width_px]`` sample; the same for the same seed."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    return [torch.randn((channels, *sample), generator=gen, dtype=dtype, device=device) for sample in samples]
 
 
 def make_pack(samples: Sequence[Sequence[int]], channels: int, patch: int, dtype, device, seed: int = 0) -> torch.Tensor:
-    """Random pixels ``(C, T, H, W)`` per sample, patchified and concatenated: ``(seq, C*p*p)``."""
-    gen = torch.Generator(device=device).manual_seed(seed)
-    return torch.cat([
-        patchify(torch.randn((channels, *sample), generator=gen, dtype=dtype, device=device), patch) for sample in samples
-    ])
+    """:func:`sample_pixels`, patchified and concatenated: ``(seq, C*p*p)``."""
+    return torch.cat([patchify(pixels, patch) for pixels in sample_pixels(samples, channels, dtype, device, seed)])
 
 
 def shape_groups(grids: Sequence[tuple[int, int, int]]) -> dict[tuple[int, int, int], list[int]]:
@@ -163,15 +164,16 @@ def shape_groups(grids: Sequence[tuple[int, int, int]]) -> dict[tuple[int, int, 
     return groups
 
 
-def source_batches(pack: torch.Tensor, grids: Sequence[tuple[int, int, int]], patch: int) -> list[tuple[list[int], torch.Tensor]]:
-    """``(sample indices, pixels)`` per distinct grid: ``(B, C, H, W)`` images, ``(B, C, T, H, W)`` videos."""
-    starts = [0]
-    for t, h, w in grids:
-        starts.append(starts[-1] + t * h * w)
+def source_batches(
+    samples: Sequence[Sequence[int]], channels: int, patch: int, dtype, device, seed: int = 0
+) -> list[tuple[list[int], torch.Tensor]]:
+    """``(sample indices, pixels)`` per distinct patch grid, the pixels of :func:`make_pack` with the
+    same seed: ``(B, C, H, W)`` images, ``(B, C, T, H, W)`` videos."""
+    pixels = sample_pixels(samples, channels, dtype, device, seed)
     batches = []
-    for grid, indices in shape_groups(grids).items():
-        pixels = torch.stack([unpatchify(pack[starts[i]:starts[i + 1]], grid, patch) for i in indices])
-        batches.append((indices, pixels[:, :, 0] if grid[0] == 1 else pixels))
+    for grid, indices in shape_groups(patch_grid(samples, patch)).items():
+        batch = torch.stack([pixels[i] for i in indices])
+        batches.append((indices, batch[:, :, 0] if grid[0] == 1 else batch))
     return batches
 
 
@@ -201,6 +203,11 @@ def time_fn(fn: Callable[[], object], warmup: int, iters: int, device: torch.dev
         end.record()
     torch.cuda.synchronize(device)
     return [start.elapsed_time(end) / 1e3 for start, end in events], torch.cuda.max_memory_allocated(device) / 2**30
+
+
+def median_ms(fn: Callable[[], object], device: torch.device, warmup: int = 3, iters: int = 20) -> float:
+    """Median milliseconds of ``fn`` over ``iters`` calls after ``warmup`` (see :func:`time_fn`)."""
+    return statistics.median(time_fn(fn, warmup, iters, device)[0]) * 1e3
 
 
 def summarize(times: list[float], peak_gib: float | None, flops: int, tokens: int, matmul_flops_per_s: float) -> dict:
@@ -297,8 +304,8 @@ def bench_workload(
         out = packed_fn(pack, grid_thw)
         packed_hidden, packed_pool = out.last_hidden_state.cpu(), out.pooler_output.cpu()
         del out
-    batches = source_batches(pack, grids, patch)
     del pack
+    batches = source_batches(samples, config.num_channels, patch, dtype, device)
     free_memory(device)
 
     def run_source() -> None:

@@ -14,7 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 
-from attention_kernels import time_ms  # noqa: E402
+from bench import median_ms  # noqa: E402
 from llava_vit.model.kernels import _launch_rope  # noqa: E402
 from llava_vit.model.rope import apply_rope, rope_cos_sin  # noqa: E402
 
@@ -27,11 +27,11 @@ def main() -> None:
         qk = qkv[:, :2].flatten(1, 2)
         moved = 2 * qk.numel() * qk.element_size()
         tables = cos.to(torch.bfloat16)[:, None, None], sin.to(torch.bfloat16)[:, None, None]
-        ref_ms = time_ms(lambda: apply_rope(qkv[:, :2], *tables))
+        ref_ms = median_ms(lambda: apply_rope(qkv[:, :2], *tables), qkv.device)
         print(f"tokens {tokens}: torch reference {ref_ms:.3f} ms ({moved / ref_ms / 1e6:.0f} GB/s)", flush=True)
         for block_rows in (4, 8, 16, 32, 64):
             for num_warps in (2, 4, 8):
-                ms = time_ms(lambda: _launch_rope(qk, qk, cos, sin, False, block_rows, num_warps))
+                ms = median_ms(lambda: _launch_rope(qk, qk, cos, sin, False, block_rows, num_warps), qkv.device)
                 print(f"  block_rows {block_rows:4d} warps {num_warps}: {ms:.3f} ms ({moved / ms / 1e6:.0f} GB/s)", flush=True)
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import random
+import statistics
 from pathlib import Path
 
 import pytest
@@ -32,23 +34,36 @@ def test_smoke_run_writes_complete_results(tmp_path):
     saved = json.loads((tmp_path / bench.RESULTS_NAME).read_text())
     assert saved["workloads"].keys() == report["workloads"].keys() == bench.SMOKE_WORKLOADS.keys()
     assert saved["method"]["flop_formula"] == bench.FLOP_FORMULA
-    assert saved["matmul"]["tflops"] > 0
+    matmul = saved["matmul"]
+    assert matmul["n"] == 256 and len(matmul["times_ms"]) == bench.MATMUL_ITERS
+    assert matmul["median_ms"] == pytest.approx(statistics.median(matmul["times_ms"]))
+    assert matmul["tflops"] == pytest.approx(2 * 256**3 / (matmul["median_ms"] * 1e-3) / 1e12)
+    config = LlavaViTPackingConfig(**bench.TINY)
     for name, result in saved["workloads"].items():
         samples = bench.SMOKE_WORKLOADS[name]
+        lengths = [t * (h // 14) * (w // 14) for t, h, w in samples]
+        flops = bench.count_flops(lengths, config)
         assert result["attn_backend"] == "sdpa"  # auto on the CPU
-        assert result["samples"] == len(samples)
-        assert result["tokens"] == sum(t * (h // 14) * (w // 14) for t, h, w in samples)
-        assert result["gflop"] > 0 and all(v > 0 for v in result["gflop_breakdown"].values())
-        assert result["gflop"] == pytest.approx(sum(result["gflop_breakdown"].values()))
+        assert result["samples"] == len(samples) and result["tokens"] == sum(lengths)
+        assert result["distinct_shapes"] == len({tuple(s) for s in samples})
+        assert result["gflop"] == pytest.approx(flops["total"] / 1e9)
+        assert result["gflop_breakdown"] == pytest.approx({k: v / 1e9 for k, v in flops.items() if k != "total"})
         for run in ("packed", "baseline"):
-            assert set(TIMING_FIELDS) <= result[run].keys()
-            assert len(result[run]["times_ms"]) == 10
-            assert 0 < result[run]["min_ms"] <= result[run]["median_ms"] <= result[run]["max_ms"]
-            assert result[run]["mfu"] > 0 and result[run]["tokens_per_s"] > 0
+            r = result[run]
+            assert set(TIMING_FIELDS) <= r.keys() and len(r["times_ms"]) == 10
+            assert (r["min_ms"], r["max_ms"]) == (min(r["times_ms"]), max(r["times_ms"]))
+            assert r["median_ms"] == pytest.approx(statistics.median(r["times_ms"]))
+            seconds = r["median_ms"] * 1e-3
+            assert r["tokens_per_s"] == pytest.approx(sum(lengths) / seconds)
+            assert r["tflops"] == pytest.approx(flops["total"] / seconds / 1e12)
+            assert r["mfu"] == pytest.approx(flops["total"] / seconds / (matmul["tflops"] * 1e12))
+            assert r["peak_gib"] is None  # no CUDA memory statistics on the CPU
         assert result["baseline"]["forwards"] == result["distinct_shapes"]
-        assert result["speedup_vs_baseline"] > 0
-        assert result["numerics"]["cosine_last_hidden_state"] > 0.999
-        assert result["numerics"]["min_pooled_cosine"] > 0.99
+        assert result["speedup_vs_baseline"] == pytest.approx(result["baseline"]["median_ms"] / result["packed"]["median_ms"])
+        numerics = result["numerics"]  # float32 on the CPU: the same function, to rounding
+        assert numerics["max_abs_diff"] <= 1e-4
+        assert numerics["cosine_last_hidden_state"] > 0.99999 and numerics["min_token_cosine"] > 0.9999
+        assert numerics["min_pooled_cosine"] > 0.9999
     assert (tmp_path / bench.PLOT_NAME).stat().st_size > 0
 
 
@@ -82,10 +97,20 @@ def test_flops_match_the_anchor_counts():
         assert bench.count_flops(lengths, config)["total"] == round(anchors[name]["gflop"] * 1e9), name
 
 
-def test_workloads_file_is_the_shared_one():
+def test_workloads_file_follows_the_documented_recipe():
+    """bench/workloads.json holds the workloads bench/bench.py's docstring describes, rebuilt here."""
+    rng = random.Random(0)  # mixed: each image's height then width drawn from 224..1008 in steps of 28
+    mixed = [[1, rng.choice(range(224, 1009, 28)), rng.choice(range(224, 1009, 28))] for _ in range(48)]
+    documented = {
+        "uniform_32x448": [[1, 448, 448]] * 32,
+        "many_small_256x224": [[1, 224, 224]] * 256,
+        "mixed_48img_4vid": mixed + [[8, 224, 224]] * 4,
+        "video_8f_448": [[8, 448, 448]],
+    }
     patch, workloads = bench.load_workloads()
     assert patch == 14
-    assert list(workloads) == ["uniform_32x448", "many_small_256x224", "mixed_48img_4vid", "video_8f_448"]
+    assert workloads == documented
+    assert list(workloads) == list(documented)
 
 
 def test_source_state_dict_inverts_the_converter():
@@ -97,12 +122,15 @@ def test_source_state_dict_inverts_the_converter():
     assert source.conv1.weight.data_ptr() == packed.patch_embed.proj.weight.data_ptr()  # weights shared
 
 
-def test_source_batches_reassemble_the_pixels():
+def test_source_batches_hold_the_packed_pixels():
     samples = bench.SMOKE_WORKLOADS["smoke_mixed"]
-    grids = bench.patch_grid(samples, 14)
     pack = bench.make_pack(samples, 3, 14, torch.float32, torch.device("cpu"))
-    batches = bench.source_batches(pack, grids, 14)
+    batches = bench.source_batches(samples, 3, 14, torch.float32, torch.device("cpu"))
     assert [indices for indices, _ in batches] == [[0], [1, 2], [3]]
     assert [tuple(pixels.shape) for _, pixels in batches] == [(1, 3, 42, 28), (2, 3, 2, 28, 28), (1, 3, 28, 28)]
-    video = batches[1][1][1]  # sample 2 (C, T, H, W), rows 6 + 8 .. 6 + 16 of the pack
-    assert torch.equal(bench.patchify(video, 14), pack[14:22])
+    rows = torch.cat([bench.patchify(pixels[0][:, None], 14) for pixels in (batches[0][1], batches[2][1])]
+                     + [bench.patchify(video, 14) for video in batches[1][1]])
+    starts = [0, 6, 14, 22, 26]  # sample i is pack[starts[i]:starts[i + 1]]
+    order = [0, 3, 1, 2]  # rows above: sample 0, sample 3, then the two videos
+    expected = torch.cat([pack[starts[i]:starts[i + 1]] for i in order])
+    assert torch.equal(rows, expected)

@@ -1,9 +1,19 @@
 """Images and videos in, packed model inputs out: the image processor, video I/O, packing helpers."""
 
+from .codec import (
+    CodecSaliency,
+    MotionVideo,
+    draw_kept_patches,
+    fuse_saliency,
+    read_video_with_motion,
+    residual_energy,
+    select_patches,
+)
 from .image_processing import (
     CLIP_MEAN,
     CLIP_STD,
     RESIZE_MODES,
+    VIDEO_SAMPLINGS,
     ImageInput,
     LlavaViTPackingImageProcessor,
     PackedSample,
@@ -19,9 +29,17 @@ from .image_processing import (
 from .video import VIDEO_EXTENSIONS, VideoClip, is_video_file, read_video, sample_frame_indices
 
 __all__ = [
+    "CodecSaliency",
+    "MotionVideo",
+    "draw_kept_patches",
+    "fuse_saliency",
+    "read_video_with_motion",
+    "residual_energy",
+    "select_patches",
     "CLIP_MEAN",
     "CLIP_STD",
     "RESIZE_MODES",
+    "VIDEO_SAMPLINGS",
     "ImageInput",
     "LlavaViTPackingImageProcessor",
     "PackedSample",

@@ -113,7 +113,9 @@ def read_video_with_motion(
         if not container.streams.video:
             raise ValueError(f"{path}: no video stream")
         stream = container.streams.video[0]
-        stream.thread_type = "AUTO"
+        # Frame threading exports motion vectors that vary from run to run (seen with H.264);
+        # slice threading keeps them exact.
+        stream.thread_type = "SLICE"
         stream.codec_context.options = {"flags2": "+export_mvs"}
         total = stream.frames or _count_frames(path)
         if total == 0:
@@ -267,16 +269,17 @@ def fuse_saliency(
 
 
 def select_patches(
-    scores: np.ndarray | torch.Tensor, patch_budget: int, keep_first_frame: bool = True, min_score: float | None = 0.0
+    scores: np.ndarray | torch.Tensor, patch_budget: int, keep_first_frame: bool = True, min_score: float = 0.0
 ) -> torch.Tensor:
     """Kept patches of a ``(T, h, w)`` score grid, as ascending flat indices into it (long).
 
     With ``keep_first_frame`` the ``h * w`` patches of frame 0 are kept and count against
     ``patch_budget`` (which must hold them); the rest of the budget goes to the highest-scoring
     patches of the other frames (of every frame without it) whose score exceeds ``min_score``
-    (``None``: any score, so the budget is always filled when the clip has enough patches). Ties
-    go to the lower flat index, so the result depends on the scores alone. At least one patch is
-    kept: without ``keep_first_frame``, the best one even when no score exceeds ``min_score``.
+    (scores are >= 0, so a negative ``min_score`` fills the budget whenever the clip has enough
+    patches). Ties go to the lower flat index, so the result depends on the scores alone. At
+    least one patch is kept: without ``keep_first_frame``, the best one even when no score
+    exceeds ``min_score``.
     """
     scores = np.asarray(scores)
     if scores.ndim != 3:
@@ -292,18 +295,15 @@ def select_patches(
         )
     candidates = scores.reshape(-1)[first:].astype(np.float64)
     order = np.lexsort((np.arange(candidates.size), -candidates))
-    if min_score is not None:
-        above = order[candidates[order] > min_score]
-        order = above if len(above) or first else order[:1]
+    above = order[candidates[order] > min_score]
+    order = above if len(above) or first else order[:1]
     chosen = torch.from_numpy(order[: patch_budget - first].astype(np.int64)) + first
     return torch.cat((torch.arange(first), chosen)).sort().values
 
 
-def _check_min_score(min_score) -> float | None:
-    if min_score is None:
-        return None
-    if isinstance(min_score, bool) or not isinstance(min_score, numbers.Real) or not math.isfinite(min_score) or min_score < 0:
-        raise ValueError(f"min_score must be a finite number >= 0, or None (fill the budget), got {min_score!r}")
+def _check_min_score(min_score) -> float:
+    if isinstance(min_score, bool) or not isinstance(min_score, numbers.Real) or not math.isfinite(min_score):
+        raise ValueError(f"min_score must be a finite number (negative: fill the budget), got {min_score!r}")
     return float(min_score)
 
 

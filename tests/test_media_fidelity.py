@@ -154,6 +154,16 @@ def test_video_display_matrix_is_applied(tmp_path, rotation, hflip):
     assert sample.warnings == ()
 
 
+def test_a_turn_other_than_a_right_angle_is_left_as_stored_and_said(tmp_path):
+    path = tmp_path / "tilted.mp4"
+    write_mp4(path, landscape_frames(2), rotation=45)
+    processor = LlavaViTPackingImageProcessor(patch_size=P)
+    sample = processor.preprocess_file(path)
+    assert np.array_equal(encoded_pixels(processor, sample), np.stack(stored_frames(path)))
+    assert sample.warnings == ("the video's display matrix turns it 315 degrees clockwise; only multiples of 90 are "
+                               "applied, frames left as stored",)
+
+
 def test_a_quarter_turn_makes_a_landscape_clip_portrait(tmp_path):
     path = tmp_path / "portrait.mp4"
     write_mp4(path, landscape_frames(3), rotation=-90)  # the matrix a phone held upright writes
@@ -299,7 +309,7 @@ def test_a_one_frame_gif_stays_an_image(tmp_path):
     assert np.array_equal(encoded_pixels(processor, sample)[0], np.asarray(animation_frames(3)[2]))
 
 
-# --- messages -----------------------------------------------------------------------------------------------------------
+# --- messages --------------------------------------------------------------------------------------------
 
 def test_read_errors_name_the_file_and_say_what_is_wrong(tmp_path):
     clip = tmp_path / "clip.mp4"

@@ -89,7 +89,8 @@ def _open_image(path: str | Path, background: Sequence[int]) -> tuple[Image.Imag
     is an animation read as its first frame."""
     try:
         with Image.open(path) as opened:
-            frames = opened.n_frames if opened.format in ANIMATED_IMAGE_FORMATS and getattr(opened, "is_animated", False) else 1
+            animated = opened.format in ANIMATED_IMAGE_FORMATS and getattr(opened, "is_animated", False)
+            frames = opened.n_frames if animated else 1
             opened.load()
             picture = _upright_rgb(opened, background)
     except _READ_ERRORS as error:
@@ -154,7 +155,10 @@ def eight_bit_gray(image: Image.Image) -> Image.Image:
         eight = np.where(np.isnan(eight), 0, np.round(eight))
     else:
         low, high = (int(values.min()), int(values.max())) if values.size else (0, 0)
-        eight = values >> 8 if low >= 0 and high <= 65535 else np.round(_stretched(values.astype(np.float64), low, high))
+        if low >= 0 and high <= 65535:
+            eight = values >> 8
+        else:
+            eight = np.round(_stretched(values.astype(np.float64), low, high))
     gray = Image.fromarray(np.ascontiguousarray(eight, dtype=np.uint8), "L")
     transparent = image.info.get("transparency")
     if isinstance(transparent, (int, float)):
@@ -163,7 +167,7 @@ def eight_bit_gray(image: Image.Image) -> Image.Image:
 
 
 def _stretched(values: np.ndarray, low: float, high: float) -> np.ndarray:
-    """``values`` mapped linearly from ``[low, high]`` onto ``[0, 255]`` (clipped; a flat picture keeps 0..255 clipped)."""
+    """``values`` mapped linearly from ``[low, high]`` onto ``[0, 255]``; a flat picture is clipped to 0..255."""
     if high <= low:
         return np.clip(values, 0, 255)
     return np.clip((values - low) * (255 / (high - low)), 0, 255)
@@ -175,9 +179,9 @@ def _composited(image: Image.Image, background: Sequence[int]) -> Image.Image:
     rgba = image if image.mode == "RGBA" else image.convert("RGBA")
     alpha = rgba.getchannel("A")
     if alpha.getextrema()[0] == 255:
-        return image.convert("RGB")
+        return rgba.convert("RGB")
     canvas = Image.new("RGB", rgba.size, tuple(background))
-    canvas.paste(rgba.convert("RGB"), mask=alpha)
+    canvas.paste(rgba, mask=alpha)
     return canvas
 
 

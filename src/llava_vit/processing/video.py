@@ -248,5 +248,6 @@ def apply_display_matrix(array: np.ndarray, matrix: np.ndarray) -> tuple[np.ndar
     elif abs(theta) < 1:
         turned = array[::-1] if d < 0 else array
     else:
-        return array, f"the video's display matrix turns it by {theta:g} degrees; only multiples of 90 are applied, frames left as stored"
+        return array, (f"the video's display matrix turns it {theta:g} degrees clockwise; only multiples of 90 are "
+                       f"applied, frames left as stored")
     return (array if turned is array else np.ascontiguousarray(turned)), None

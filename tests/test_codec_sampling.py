@@ -51,6 +51,19 @@ def write_mjpeg(path, frames) -> None:
         container.mux(stream.encode())
 
 
+def write_h264(path, frames, rotation=None, faststart=False) -> None:
+    """H.264 with an optional display matrix (PyAV's ``set_display_rotation``: counter-clockwise degrees)."""
+    with av.open(str(path), "w", options={"movflags": "faststart"} if faststart else {}) as container:
+        stream = container.add_stream("libx264", rate=12)
+        stream.height, stream.width = frames[0].shape[:2]
+        stream.pix_fmt = "yuv420p"
+        if rotation is not None:
+            stream.set_display_rotation(rotation)
+        for frame in frames:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        container.mux(stream.encode())
+
+
 @pytest.fixture(scope="module")
 def clips(tmp_path_factory):
     folder = tmp_path_factory.mktemp("codec_clips")
@@ -164,6 +177,38 @@ def test_ties_go_to_the_lower_index_and_padding_is_never_kept(clips):
     slots = {round(i / 39 * 63) for i in range(40)}
     assert short.sampled_grid_thw[0] == 40
     assert set(short.patch_positions[:, 0].tolist()) <= slots
+
+
+def test_display_matrix_turns_frames_and_motion_alike(tmp_path):
+    frames = moving_frames()
+    stored, turned = tmp_path / "stored.mp4", tmp_path / "turned.mp4"
+    write_h264(stored, frames)
+    write_h264(turned, frames, rotation=-90)  # a phone held upright: shown turned a quarter clockwise
+    processor = codec_processor(patch_budget=80 + 200)
+    plain, upright = processor.preprocess_video(stored), processor.preprocess_video(turned)
+    assert upright.original_size == (W, H) and upright.sampled_grid_thw == (64, W // P, H // P)
+    assert plain.codec.motion.any()
+    # Same bitstream, so the same vectors: equal up to the order of float32 sums.
+    torch.testing.assert_close(upright.codec.motion, torch.rot90(plain.codec.motion, -1, dims=(1, 2)), rtol=0, atol=1e-5)
+    torch.testing.assert_close(upright.codec.residual, torch.rot90(plain.codec.residual, -1, dims=(1, 2)), rtol=0, atol=1e-5)
+    dense = LlavaViTPackingImageProcessor(patch_size=P, num_frames=64).preprocess_video(turned)
+    assert torch.equal(upright.hidden_states, dense.hidden_states[upright.kept_indices])
+    assert upright.warnings == ()
+
+
+def test_truncated_file_is_sampled_from_the_frames_that_decode(tmp_path, clips):
+    whole, cut = tmp_path / "whole.mp4", tmp_path / "cut.mp4"
+    write_h264(whole, moving_frames(), faststart=True)  # the index (128 frames) before the data
+    data = whole.read_bytes()
+    cut.write_bytes(data[: len(data) * 4 // 10])
+    dense = LlavaViTPackingImageProcessor(patch_size=P, num_frames=64).preprocess_video(cut)
+    real = dense.total_frames
+    assert 10 < real < FRAMES
+    sample = codec_processor(patch_budget=80 + 200).preprocess_video(cut)
+    assert sample.total_frames == real and sample.frame_indices == dense.frame_indices
+    assert len(set(sample.frame_indices)) == len(sample.frame_indices) == min(real, 64)
+    assert torch.equal(sample.hidden_states, dense.hidden_states[sample.kept_indices])
+    assert len(sample.warnings) == 1 and f"only {real} of the {FRAMES} frames" in sample.warnings[0]
 
 
 def test_in_memory_frames_use_the_residual_proxy():

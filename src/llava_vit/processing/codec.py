@@ -40,7 +40,17 @@ import torch
 from PIL import Image, ImageDraw
 
 from ..validation import check_positive_int
-from .video import _count_frames, sample_frame_indices
+from .video import (
+    _count_decodable,
+    _count_frames,
+    _until_error,
+    _video_stream,
+    apply_display_matrix,
+    describe_read_error,
+    media_read_error,
+    sample_frame_indices,
+    upright_frame,
+)
 
 MOTION_CELL = 4
 """Side in pixels of the cells motion vectors are painted on (H.264's smallest partition)."""
@@ -61,7 +71,7 @@ class MotionVideo:
     total_frames: int
     """Frames in the file (from its metadata, or counted)."""
     original_size: tuple[int, int]
-    """``(height, width)`` of the decoded frames."""
+    """``(height, width)`` of the decoded frames, upright (display matrix applied)."""
     has_motion_vectors: bool
     """Whether the decoder exported any motion vector (False: intra-only or a codec without export)."""
     decoded_frames: int
@@ -101,68 +111,57 @@ def read_video_with_motion(
 
     Every frame up to the last sampled one is decoded (motion vectors exist only for decoded
     frames); only the sampled ones are converted to RGB and resized. ``target_size(height, width)``
-    gives the resized size (default: unchanged, which must then be a multiple of ``patch_size``)
-    and ``resize(rgb, size)`` resizes (the processor's PIL resize). Frame indices come from
-    timestamps as in :func:`~llava_vit.processing.video.read_video`; when two planned indices fall
-    on one decoded frame, or the stream ends early, the sample is shorter instead of repeating a
-    frame, and :attr:`MotionVideo.warnings` says so.
+    gives the resized size of an upright frame (default: unchanged, which must then be a multiple
+    of ``patch_size``) and ``resize(rgb, size)`` resizes (the processor's PIL resize).
+
+    As :func:`~llava_vit.processing.video.read_video` reads a video: frame indices come from
+    timestamps; frames are turned as the stream's display matrix says, and the motion maps with
+    them; when the stream ends or fails before its header's frame count, the sample is drawn from
+    the frames that do decode (a second pass), ``total_frames`` is their count and a warning says
+    so; no frame is used twice. A file that cannot be read raises an error naming it.
     """
     num_frames = check_positive_int("num_frames", num_frames)
     patch_size = check_positive_int("patch_size", patch_size)
-    with av.open(str(path)) as container:
-        if not container.streams.video:
-            raise ValueError(f"{path}: no video stream")
-        stream = container.streams.video[0]
-        # Frame threading exports motion vectors that vary from run to run (seen with H.264);
-        # slice threading keeps them exact.
-        stream.thread_type = "SLICE"
-        stream.codec_context.options = {"flags2": "+export_mvs"}
-        total = stream.frames or _count_frames(path)
-        if total == 0:
-            raise ValueError(f"{path}: the video stream has no frames")
-        wanted = sample_frame_indices(total, num_frames)
-        reader = _MotionReader(path, patch_size, target_size, resize)
-        rate, time_base, start = stream.average_rate, stream.time_base, stream.start_time or 0
-        timed = bool(rate) and time_base is not None
-        counter, k = -1, 0
-        for frame in container.decode(stream):
-            counter += 1
-            position = round((frame.pts - start) * time_base * rate) if timed and frame.pts is not None else counter
-            reader.add_motion(frame)
-            if position < wanted[k]:
-                continue
-            reader.take(frame, position)
-            while k < len(wanted) and wanted[k] <= position:
-                k += 1
-            if k == len(wanted):
-                break
+    try:
+        with av.open(str(path)) as container:
+            stream = _motion_stream(container, path)
+            claimed = stream.frames or _count_frames(path)
+            if claimed == 0:
+                raise ValueError(f"cannot read video {path}: the video stream has no frames")
+            reader = _MotionReader(path, patch_size, target_size, resize)
+            if reader.read(container, stream, sample_frame_indices(claimed, num_frames)):
+                return reader.result(claimed)
+        decodable, error = _count_decodable(path)
+        reason = f" ({describe_read_error(error)})" if error is not None else ""
+        if decodable == 0:
+            raise ValueError(f"cannot read video {path}: no frame could be decoded{reason}") from error
+        with av.open(str(path)) as container:
+            reader = _MotionReader(path, patch_size, target_size, resize)
+            reader.read(container, _motion_stream(container, path), sample_frame_indices(decodable, num_frames))
+    except (av.error.FFmpegError, OSError) as error:
+        raise media_read_error(path, "video", error) from error
     if not reader.frames:
-        raise ValueError(f"{path}: no frame could be decoded")
-    warnings = []
-    if k < len(wanted):
-        warnings.append(
-            f"the stream ended after {counter + 1} decoded frames, before frame {wanted[k]} of the {total} its "
-            f"metadata declares; {len(reader.frames)} frames sampled instead of {len(wanted)}"
-        )
-    elif len(reader.frames) < len(wanted):
-        warnings.append(
-            f"{len(wanted) - len(reader.frames)} planned frame indices fell on frames already sampled "
-            f"(missing timestamps); {len(reader.frames)} frames sampled instead of {len(wanted)}"
-        )
-    return MotionVideo(
-        frames=np.stack(reader.frames),
-        motion=np.stack(reader.motion),
-        frame_indices=tuple(reader.indices),
-        total_frames=total,
-        original_size=reader.original_size,
-        has_motion_vectors=reader.has_motion_vectors,
-        decoded_frames=counter + 1,
-        warnings=tuple(warnings),
+        raise ValueError(f"cannot read video {path}: no frame could be decoded on a second pass{reason}") from error
+    note = (
+        f"truncated or damaged video: only {decodable} of the {claimed} frames its header lists could be "
+        f"decoded{reason}; {len(reader.frames)} frames sampled from those {decodable}"
     )
+    return reader.result(decodable, note)
+
+
+def _motion_stream(container, path):
+    """The first video stream, set to export motion vectors."""
+    stream = _video_stream(container, path)
+    # Frame threading exports motion vectors that vary from run to run (seen with H.264);
+    # slice threading keeps them exact.
+    stream.thread_type = "SLICE"
+    stream.codec_context.options = {"flags2": "+export_mvs"}
+    return stream
 
 
 class _MotionReader:
-    """Accumulates motion over decoded frames and collects the sampled frames with their motion."""
+    """Decodes a stream, accumulates motion over the decoded frames, and collects the sampled
+    frames (upright, resized) with the motion since the previous one."""
 
     def __init__(self, path, patch_size, target_size, resize):
         self.path, self.patch_size = path, patch_size
@@ -170,28 +169,72 @@ class _MotionReader:
         self.frames: list[np.ndarray] = []
         self.motion: list[np.ndarray] = []
         self.indices: list[int] = []
+        self.notes: set[str] = set()
         self.has_motion_vectors = False
-        self.original_size: tuple[int, int] | None = None
-        self._sum: np.ndarray | None = None
+        self.coded_size: tuple[int, int] | None = None
+        self.decoded = 0
         self._inter_frames = 0
 
-    def _setup(self, height: int, width: int) -> None:
-        self.original_size = (height, width)
-        size = self.target_size(height, width) if self.target_size else (height, width)
+    def read(self, container, stream, wanted: list[int]) -> bool:
+        """Decode until every index of the sorted ``wanted`` is sampled (``True``) or the stream
+        ends or fails (``False``). A wanted index that a timestamp gap skips takes the next frame,
+        which is not taken again for a later index."""
+        rate, time_base, start = stream.average_rate, stream.time_base, stream.start_time or 0
+        timed = bool(rate) and time_base is not None
+        errors: list[BaseException] = []
+        k = 0
+        for frame in _until_error(container.decode(stream), errors):
+            self.decoded += 1
+            position = round((frame.pts - start) * time_base * rate) if timed and frame.pts is not None else self.decoded - 1
+            self._add_motion(frame)
+            if position < wanted[k]:
+                continue
+            self._take(frame, position)
+            while k < len(wanted) and wanted[k] <= position:
+                k += 1
+            if k == len(wanted):
+                return True
+        return False
+
+    def result(self, total_frames: int, *warnings: str) -> MotionVideo:
+        return MotionVideo(
+            frames=np.stack(self.frames),
+            motion=np.stack(self.motion),
+            frame_indices=tuple(self.indices),
+            total_frames=total_frames,
+            original_size=self.upright_size,
+            has_motion_vectors=self.has_motion_vectors,
+            decoded_frames=self.decoded,
+            warnings=(*warnings, *sorted(self.notes)),
+        )
+
+    def _setup(self, frame) -> None:
+        """Sizes from the first frame: coded, upright (display matrix applied), resized; the
+        motion cells, and the scale of each coded axis into pixels of the resized frame."""
+        height, width = self.coded_size = (frame.height, frame.width)
+        side = frame.side_data.get("DISPLAYMATRIX")
+        self.matrix = None if side is None else np.frombuffer(bytes(side), dtype=np.int32)
+        self.upright_size = self._upright(np.empty((height, width, 0), np.uint8)).shape[:2]
+        size = self.target_size(*self.upright_size) if self.target_size else self.upright_size
         if size[0] % self.patch_size or size[1] % self.patch_size:
             raise ValueError(f"frames of {size[1]}x{size[0]} are not a whole number of {self.patch_size}-pixel patches")
         self.size = size
-        self.scale = (size[0] / height, size[1] / width)
+        scale_rows, scale_cols = size[0] / self.upright_size[0], size[1] / self.upright_size[1]
+        swapped = self._upright(np.empty((1, 2, 0), np.uint8)).shape[0] == 2
+        self.scale = (scale_cols, scale_rows) if swapped else (scale_rows, scale_cols)
         self.cells = (math.ceil(height / MOTION_CELL), math.ceil(width / MOTION_CELL))
         self._sum = np.zeros(self.cells, dtype=np.float32)
 
-    def add_motion(self, frame) -> None:
-        if self.original_size is None:
-            self._setup(frame.height, frame.width)
-        elif (frame.height, frame.width) != self.original_size:
+    def _upright(self, array: np.ndarray) -> np.ndarray:
+        return array if self.matrix is None else apply_display_matrix(array, self.matrix)[0]
+
+    def _add_motion(self, frame) -> None:
+        if self.coded_size is None:
+            self._setup(frame)
+        elif (frame.height, frame.width) != self.coded_size:
             raise ValueError(
-                f"{self.path}: the frame size changes mid-stream ({self.original_size[1]}x{self.original_size[0]} "
-                f"to {frame.width}x{frame.height}); codec sampling needs one frame size"
+                f"cannot read video {self.path}: the frame size changes mid-stream ({self.coded_size[1]}x"
+                f"{self.coded_size[0]} to {frame.width}x{frame.height}); codec sampling needs one frame size"
             )
         if frame.pict_type == av.video.frame.PictureType.I:
             return
@@ -201,14 +244,16 @@ class _MotionReader:
             self.has_motion_vectors = True
             self._sum += paint_motion(side.to_ndarray(), self.cells, self.scale)
 
-    def take(self, frame, position: int) -> None:
-        rgb = frame.to_ndarray(format="rgb24")
+    def _take(self, frame, position: int) -> None:
+        rgb, note = upright_frame(frame)
+        if note:
+            self.notes.add(note)
         if self.resize is not None and rgb.shape[:2] != self.size:
             rgb = self.resize(rgb, self.size)
-        mean = self._sum / max(self._inter_frames, 1)
+        mean = self._upright((self._sum / max(self._inter_frames, 1))[..., None])[..., 0]
         h, w = self.size[0] // self.patch_size, self.size[1] // self.patch_size
-        height, width = self.original_size
-        pooled = Image.fromarray(mean, mode="F").resize(
+        height, width = self.upright_size
+        pooled = Image.fromarray(np.ascontiguousarray(mean), mode="F").resize(
             (w, h), Image.Resampling.BOX, box=(0, 0, width / MOTION_CELL, height / MOTION_CELL)
         )
         self.frames.append(np.ascontiguousarray(rgb))
@@ -238,7 +283,7 @@ def paint_motion(vectors: np.ndarray, cells: tuple[int, int], scale: tuple[float
         for ys, xs, sign in ((y0, x0, 1), (y0, x1, -1), (y1, x0, -1), (y1, x1, 1)):
             np.add.at(total[plane], (ys[inside], xs[inside]), sign * value)
     total = total.cumsum(1).cumsum(2)[:, :rows, :cols]
-    return (total[0] / np.maximum(total[1], 1)).astype(np.float32)
+    return np.where(total[1] > 0.5, total[0] / np.maximum(total[1], 1), 0).astype(np.float32)
 
 
 def residual_energy(frames: np.ndarray, patch_size: int) -> np.ndarray:

@@ -614,9 +614,9 @@ class LlavaViTPackingImageProcessor(BaseImageProcessor):
 
         ``num_frames`` (default ``temporal_context``, at most that) frames are sampled uniformly,
         every patch scored by motion vectors and the residual proxy, and at most ``patch_budget``
-        patches kept (:mod:`llava_vit.processing.codec`). A file is decoded in full up to its
-        last sampled frame for the motion vectors; frames in memory (arrays, frame lists) have
-        none and are scored by the residual proxy alone.
+        patches kept (:mod:`llava_vit.processing.codec`). A video file is decoded in full up to
+        its last sampled frame for the motion vectors; animated images and frames in memory
+        (arrays, frame lists) have none and are scored by the residual proxy alone.
         """
         num_frames = self.temporal_context if num_frames is None else check_positive_int("num_frames", num_frames)
         if num_frames > self.temporal_context:
@@ -625,15 +625,21 @@ class LlavaViTPackingImageProcessor(BaseImageProcessor):
                 f"num_frames must be at most {self.temporal_context}, got {num_frames}"
             )
         start = time.perf_counter()
-        if isinstance(video, (str, Path)):
+        if isinstance(video, (str, Path)) and not is_animated_image(video):
             clip = read_video_with_motion(video, num_frames, self.patch_size, self.target_size, self._resized)
             frames, motion, indices, total = clip.frames, clip.motion, clip.frame_indices, clip.total_frames
             original, has_vectors, decoded = clip.original_size, clip.has_motion_vectors, clip.decoded_frames
             warnings = clip.warnings
         else:
-            sampled, indices = self._frames_in_memory(video, num_frames)
+            if isinstance(video, (str, Path)):
+                animation = read_animation(video, num_frames, self.background)
+                sampled, indices, total = list(animation.frames), animation.frame_indices, animation.total_frames
+                warnings = animation.warnings
+            else:
+                sampled, indices = self._frames_in_memory(video, num_frames)
+                total, warnings = len(video), ()
             original, frames = self._resized_frames(sampled)
-            total, has_vectors, decoded, warnings = len(video), False, 0, ()
+            has_vectors, decoded = False, 0
             p = self.patch_size
             motion = np.zeros((frames.shape[0], frames.shape[1] // p, frames.shape[2] // p), dtype=np.float32)
         decoded_at = time.perf_counter()
@@ -647,8 +653,8 @@ class LlavaViTPackingImageProcessor(BaseImageProcessor):
         hidden_states = self._patchify(frames, kept)
         done = time.perf_counter()
         if not has_vectors:
-            warnings += ("no motion vectors (intra-only stream, a codec without export, or frames in memory): "
-                         "patches scored by the residual proxy alone",)
+            warnings += ("no motion vectors (an intra-only stream, a codec without export, an animated image or "
+                         "frames in memory): patches scored by the residual proxy alone",)
         return PackedSample(
             hidden_states=hidden_states,
             grid_thw=(1, 1, len(kept)),

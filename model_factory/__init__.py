@@ -1,1 +1,1 @@
-"""The seed's import paths (``model_factory.*``), kept so its examples run as written."""
+"""The seed's import paths (``model_factory.*``), kept so the original product document's examples run as written."""

@@ -1,8 +1,8 @@
-"""``llava-vit convert`` and the seed's conversion script (issue 3).
+"""``llava-vit convert`` and the seed's script path ``model_factory/convert_llava_vit_packing_to_hf.py``.
 
 Golden sets convert through the command and the written folders reproduce the golden outputs;
 every refusal exits non-zero with a message naming the problem and leaves no output behind;
-the seed's command line runs verbatim.
+the original command line runs verbatim.
 """
 
 from __future__ import annotations
@@ -78,7 +78,7 @@ def test_golden_set_converts_and_reproduces(name, tmp_path, capsys):
     assert sorted(p.name for p in output.iterdir()) == ["config.json", "model.safetensors", "preprocessor_config.json"]
 
     config = json.loads((output / "config.json").read_text())
-    if MANIFEST[name]["format"] == "timm_source":  # the training code's PyTorch defaults (DESIGN §2.8)
+    if MANIFEST[name]["format"] == "timm_source":  # the training code's PyTorch defaults (docs/ARCHITECTURE.md)
         assert "--config" in out and (config["layer_norm_eps"], config["head_norm_eps"]) == (1e-5, None)
     else:
         assert "the folder's config.json" in out and (config["layer_norm_eps"], config["head_norm_eps"]) == (1e-6, 1e-6)
@@ -320,7 +320,7 @@ def test_cuda_refused_without_a_gpu(tmp_path, capsys, tiny_config):
     assert code == 1 and "CUDA is not available" in err
 
 
-# ---- the seed's script --------------------------------------------------------------------------
+# ---- the seed's script path --------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")

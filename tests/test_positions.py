@@ -1,4 +1,4 @@
-"""Vectorized position helpers equal the seed's per-patch loops."""
+"""Vectorized position helpers equal the original implementation's per-patch loops."""
 
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ def test_positions_from_grid_match_loop():
     assert torch.equal(compute_patch_positions_from_grid_thw(grid), seed_positions_from_grid(grid))
 
 
-def test_interpolated_indices_match_the_seed_examples():
+def test_interpolated_indices_match_the_documented_examples():
     eight = interpolate_frame_indices(torch.arange(8)[None], torch.tensor([8]), 64)
     assert eight.tolist() == [[0, 9, 18, 27, 36, 45, 54, 63]]
     four = interpolate_frame_indices(torch.arange(4)[None], torch.tensor([4]))

@@ -1,9 +1,12 @@
-"""The seed document's examples, with its import paths verbatim, on the CPU with a small checkpoint.
+"""The original product document's examples, with the seed's ``model_factory`` import paths
+verbatim, on the CPU with a small checkpoint.
 
-Changes from the seed's text: device "cpu" and float32 instead of "cuda"/bfloat16 (no GPU in CI),
-a converted random ``llava_vit_base_ln`` checkpoint instead of ``/path/to/...`` (the seed uses
-``patch_size = 16``, which is the small/base patch size: its consistency example names
-``llava_vit_large_ln``, whose patch size is 14, so that pairing cannot run as printed).
+Changes from the document's text: device "cpu" and float32 instead of "cuda"/bfloat16 (no GPU in
+CI); a converted random ``llava_vit_base_ln`` checkpoint instead of ``/path/to/...`` (the example
+uses ``patch_size = 16``, the small/base patch size, but names ``llava_vit_large_ln``, whose patch
+size is 14, so that pairing cannot run as printed); and a photo (matplotlib's sample
+``grace_hopper.jpg``) and a video panning over it instead of solid colours, which would hide a
+patch-order bug (every patch of a solid image is the same).
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from conftest import REPO_ROOT
 
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory):
-    """A random source checkpoint and its converted packing folder, made with the seed's command."""
+    """A random source checkpoint and its converted packing folder, made with the seed's script path."""
     import timm
 
     import llava_vit  # noqa: F401  (registers the timm names)
@@ -43,6 +46,7 @@ def converted(tmp_path_factory):
 def test_seed_consistency_example(converted):
     import timm
     import torchvision.transforms as T
+    from matplotlib import cbook
     from PIL import Image
 
     from model_factory.convert_llava_vit_packing_to_hf import (
@@ -68,8 +72,11 @@ def test_seed_consistency_example(converted):
         T.Normalize(mean=[0.48145466, 0.4578275, 0.40821073], std=[0.26862954, 0.26130258, 0.27577711]),
     ])
 
+    photo = Image.open(cbook.get_sample_data("grace_hopper.jpg", asfileobj=False)).convert("RGB")
+    width, height = photo.size
+
     # Test 1: image
-    image = Image.new("RGB", (image_size, image_size), color="red")
+    image = photo
     image_tensor = transform(image).unsqueeze(0).to(device)
     src_image_feat = src_model(image_tensor)["visible_embeddings"]
     channels = 3
@@ -82,9 +89,13 @@ def test_seed_consistency_example(converted):
                                        patch_positions=patch_positions).last_hidden_state
     cos_sim = F.cosine_similarity(src_image_feat.flatten(0, -2).float(), packing_image_feat.float(), dim=-1)
     assert cos_sim.min().item() > 0.99
+    assert (src_image_feat[0] - packing_image_feat).abs().max() <= 1e-4
 
     # Test 2: 8-frame video in the 64-frame context
-    video_frames = [Image.new("RGB", (image_size, image_size), color=(i * 30, i * 20, i * 10)) for i in range(num_frames)]
+    side = min(width, height) // 2  # a square window panning from the top-left to the bottom-right corner
+    video_frames = [photo.crop((x, y, x + side, y + side)) for x, y in
+                    ((i * (width - side) // (num_frames - 1), i * (height - side) // (num_frames - 1))
+                     for i in range(num_frames))]
     video_tensors = torch.stack([transform(f) for f in video_frames], dim=0)
     video_tensor = video_tensors.unsqueeze(0).permute(0, 2, 1, 3, 4).to(device)
     frame_indices = torch.arange(num_frames).unsqueeze(0).to(device)

@@ -13,20 +13,11 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from golden_cases import patchify
-from llava_vit import (
-    LlavaViT,
-    LlavaViTConfig,
-    LlavaViTModel,
-    LlavaViTPackingConfig,
-    compute_patch_positions_from_grid_thw,
-    compute_patch_positions_with_interpolated_temporal,
-    interpolate_frame_indices,
-)
+from llava_vit import LlavaViT, LlavaViTConfig, LlavaViTModel, LlavaViTPackingConfig
 from llava_vit.conversion.convert import convert_checkpoint
 from llava_vit.model.variants import SOURCE_EPS
 from llava_vit.reference import video_in_context
-from model_pairs import TINY, randomize_
+from model_pairs import TINY, image_and_video, pack_image_and_video, randomize_
 
 P = TINY["patch_size"]
 TOL = 2e-5
@@ -35,20 +26,16 @@ TOL = 2e-5
 @torch.no_grad()
 def assert_packed_equals_source(packed, source) -> None:
     """An image and a 4-frame clip in the 64-frame context, packed, against the source run on each."""
-    gen = torch.Generator().manual_seed(5)
-    image = torch.randn(1, 3, 3 * P, 5 * P, generator=gen)
-    clip = torch.randn(1, 3, 4, 2 * P, 3 * P, generator=gen)
-    slots = interpolate_frame_indices(torch.arange(4)[None], 4)
-    clip_positions = compute_patch_positions_with_interpolated_temporal(slots, 2, 3)
-    grid = torch.tensor([[1, 3, 5], [4, 2, 3]])
-    out = packed(torch.cat([patchify(image[0], P), patchify(clip[0], P)]), grid,
-                 torch.cat([compute_patch_positions_from_grid_thw(grid[:1]), clip_positions]))
+    image, clip, slots = image_and_video(seed=5)
+    hidden_states, grid_thw, positions = pack_image_and_video(image, clip, slots)
+    out = packed(hidden_states, grid_thw, positions)
+    n_image = int(grid_thw[0].prod())
     if isinstance(source, LlavaViT):
         padded, visible = video_in_context(clip, slots, P)
         refs = [source(image), source(padded, visible_indices=visible)]
         refs = [(r["visible_embeddings"][0], r.get("head_output")) for r in refs]
     else:
-        refs = [source(image), source(clip, patch_positions=clip_positions[None])]
+        refs = [source(image), source(clip, patch_positions=positions[n_image:][None])]
         refs = [(r.last_hidden_state[0], r.pooler_output) for r in refs]
     torch.testing.assert_close(out.last_hidden_state, torch.cat([tokens for tokens, _ in refs]), rtol=0, atol=TOL)
     if source.config.use_head:

@@ -9,32 +9,11 @@ import pytest
 import torch
 
 from golden_cases import patchify
-from llava_vit import (
-    compute_patch_positions_from_grid_thw,
-    compute_patch_positions_with_interpolated_temporal,
-    interpolate_frame_indices,
-)
 from llava_vit.conversion.convert import to_packing_state_dict
 from llava_vit.reference import video_in_context
-from model_pairs import TINY, source_and_packed
+from model_pairs import TINY, image_and_video, pack_image_and_video, source_and_packed
 
 P = TINY["patch_size"]
-
-
-def image_and_video(seed: int):
-    """An image ``(1, C, 24, 40)``, a 4-frame clip ``(1, C, 4, 16, 24)`` and the clip's context slots."""
-    gen = torch.Generator().manual_seed(seed)
-    image = torch.randn(1, 3, 3 * P, 5 * P, generator=gen)
-    clip = torch.randn(1, 3, 4, 2 * P, 3 * P, generator=gen)
-    return image, clip, interpolate_frame_indices(torch.arange(4)[None], 4)
-
-
-def packed_inputs(image, clip, slots):
-    """Both samples in one pack: ``hidden_states``, ``grid_thw``, ``patch_positions``."""
-    grid = torch.tensor([[1, 3, 5], [4, 2, 3]])
-    positions = torch.cat([compute_patch_positions_from_grid_thw(grid[:1]),
-                           compute_patch_positions_with_interpolated_temporal(slots, 2, 3)])
-    return torch.cat([patchify(image[0], P), patchify(clip[0], P)]), grid, positions
 
 
 def loss_weights(seed: int, tokens: int, dim: int, samples: int):
@@ -50,7 +29,7 @@ def packed_loss(model, inputs, weights):
 def test_gradients_equal_the_source_model_for_images_and_video():
     source, packed = source_and_packed(seed=11)
     image, clip, slots = image_and_video(seed=12)
-    inputs = packed_inputs(image, clip, slots)
+    inputs = pack_image_and_video(image, clip, slots)
     hidden_states = inputs[0].clone().requires_grad_()
     weights = loss_weights(13, hidden_states.shape[0], TINY["hidden_size"], 2)
     loss, _ = packed_loss(packed.train(), (hidden_states, *inputs[1:]), weights)
@@ -59,7 +38,7 @@ def test_gradients_equal_the_source_model_for_images_and_video():
     image_px = image.clone().requires_grad_()
     padded, visible = video_in_context(clip, slots, P)
     padded.requires_grad_()
-    n_image = 15
+    n_image = int(inputs[1][0].prod())
     source_loss = 0
     for k, (args, kwargs) in enumerate((((image_px,), {}), ((padded,), {"visible_indices": visible}))):
         out = source.train()(*args, **kwargs)
@@ -89,7 +68,7 @@ def test_gradient_checkpointing_changes_neither_outputs_nor_gradients():
     checkpointed.gradient_checkpointing_enable(
         gradient_checkpointing_kwargs={"use_reentrant": False, "context_fn": lambda: (counting(), contextlib.nullcontext())}
     )
-    inputs = packed_inputs(*image_and_video(seed=22))
+    inputs = pack_image_and_video(*image_and_video(seed=22))
     weights = loss_weights(23, inputs[0].shape[0], TINY["hidden_size"], 2)
     results = []
     for model in (plain.train(), checkpointed.train()):

@@ -261,6 +261,7 @@ def convert_to_folder(
             print(line)
         reference = None
         if verify_on is not None:
+            print(f"running the source model (float32, {verify_on}) on the verification inputs")
             source = source_model(converted.state, converted.layout, converted.model.config, what=f"checkpoint {src}")
             reference = reference_outputs(source, verify_on)
             del source

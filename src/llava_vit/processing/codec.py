@@ -54,6 +54,8 @@ from .video import (
 
 MOTION_CELL = 4
 """Side in pixels of the cells motion vectors are painted on (H.264's smallest partition)."""
+MOTION_QUANTUM = 1024
+"""Motion magnitudes are summed in whole 1/1024 pixels (exact, order-independent sums)."""
 _LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
 
 
@@ -223,7 +225,7 @@ class _MotionReader:
         swapped = self._upright(np.empty((1, 2, 0), np.uint8)).shape[0] == 2
         self.scale = (scale_cols, scale_rows) if swapped else (scale_rows, scale_cols)
         self.cells = (math.ceil(height / MOTION_CELL), math.ceil(width / MOTION_CELL))
-        self._sum = np.zeros(self.cells, dtype=np.float32)
+        self._deltas = np.zeros((self.cells[0] + 1, self.cells[1] + 1), dtype=np.float64)
 
     def _upright(self, array: np.ndarray) -> np.ndarray:
         return array if self.matrix is None else apply_display_matrix(array, self.matrix)[0]
@@ -242,7 +244,7 @@ class _MotionReader:
         side = frame.side_data.get("MOTION_VECTORS")
         if side is not None and len(side):
             self.has_motion_vectors = True
-            self._sum += paint_motion(side.to_ndarray(), self.cells, self.scale)
+            self._deltas += motion_deltas(side.to_ndarray(), self.cells, self.scale)
 
     def _take(self, frame, position: int) -> None:
         rgb, note = upright_frame(frame)
@@ -250,7 +252,9 @@ class _MotionReader:
             self.notes.add(note)
         if self.resize is not None and rgb.shape[:2] != self.size:
             rgb = self.resize(rgb, self.size)
-        mean = self._upright((self._sum / max(self._inter_frames, 1))[..., None])[..., 0]
+        rows, cols = self.cells
+        total = self._deltas.cumsum(0).cumsum(1)[:rows, :cols]
+        mean = self._upright((total / (MOTION_QUANTUM * max(self._inter_frames, 1))).astype(np.float32)[..., None])[..., 0]
         h, w = self.size[0] // self.patch_size, self.size[1] // self.patch_size
         height, width = self.upright_size
         pooled = Image.fromarray(np.ascontiguousarray(mean), mode="F").resize(
@@ -259,31 +263,37 @@ class _MotionReader:
         self.frames.append(np.ascontiguousarray(rgb))
         self.motion.append(np.asarray(pooled, dtype=np.float32))
         self.indices.append(position)
-        self._sum[:] = 0
+        self._deltas[:] = 0
         self._inter_frames = 0
 
 
-def paint_motion(vectors: np.ndarray, cells: tuple[int, int], scale: tuple[float, float]) -> np.ndarray:
-    """One frame's motion vectors (PyAV's ``MotionVectors.to_ndarray()``) painted on a grid of
-    ``MOTION_CELL``-pixel cells: each cell holds the mean magnitude of the vectors whose block
-    covers it (0 where none does), with ``motion_x, motion_y`` scaled by ``scale = (sy, sx)``
-    into pixels of the resized frame. ``dst_x, dst_y`` are block centres, as FFmpeg exports them."""
+def motion_deltas(vectors: np.ndarray, cells: tuple[int, int], scale: tuple[float, float]) -> np.ndarray:
+    """One frame's motion vectors (PyAV's ``MotionVectors.to_ndarray()``) as a ``(rows + 1, cols + 1)``
+    difference array over ``cells`` (``MOTION_CELL``-pixel cells): its 2-D prefix sum gives each
+    cell the magnitude of the vector of the block covering it, in ``1 / MOTION_QUANTUM`` pixels of
+    the resized frame (0 where no block does).
+
+    ``motion_x, motion_y`` are scaled by ``scale = (sy, sx)``; ``dst_x, dst_y`` are block centres,
+    as FFmpeg exports them. The vectors of one block (both directions of a bi-predicted block) are
+    averaged; blocks of one frame do not overlap in H.264 or MPEG-4 part 2. Magnitudes are rounded
+    to whole quanta, so sums over frames are exact and do not depend on their order.
+    """
     rows, cols = cells
     scale_y, scale_x = scale
-    divisor = np.maximum(vectors["motion_scale"], 1).astype(np.float32)
+    divisor = np.maximum(vectors["motion_scale"], 1).astype(np.float64)
     magnitude = np.hypot(vectors["motion_x"] / divisor * scale_x, vectors["motion_y"] / divisor * scale_y)
-    half_w, half_h = vectors["w"].astype(np.int32) / 2, vectors["h"].astype(np.int32) / 2
-    x0 = np.clip(np.floor((vectors["dst_x"] - half_w) / MOTION_CELL), 0, cols).astype(np.int64)
-    x1 = np.clip(np.ceil((vectors["dst_x"] + half_w) / MOTION_CELL), 0, cols).astype(np.int64)
-    y0 = np.clip(np.floor((vectors["dst_y"] - half_h) / MOTION_CELL), 0, rows).astype(np.int64)
-    y1 = np.clip(np.ceil((vectors["dst_y"] + half_h) / MOTION_CELL), 0, rows).astype(np.int64)
-    inside = (x1 > x0) & (y1 > y0)
-    total = np.zeros((2, rows + 1, cols + 1), dtype=np.float64)
-    for plane, value in ((0, magnitude[inside]), (1, np.ones(int(inside.sum())))):
-        for ys, xs, sign in ((y0, x0, 1), (y0, x1, -1), (y1, x0, -1), (y1, x1, 1)):
-            np.add.at(total[plane], (ys[inside], xs[inside]), sign * value)
-    total = total.cumsum(1).cumsum(2)[:, :rows, :cols]
-    return np.where(total[1] > 0.5, total[0] / np.maximum(total[1], 1), 0).astype(np.float32)
+    x, y = vectors["dst_x"].astype(np.int64), vectors["dst_y"].astype(np.int64)
+    bw, bh = vectors["w"].astype(np.int64), vectors["h"].astype(np.int64)
+    block = (((y + 32768) * 65536 + x + 32768) * 256 + bw) * 256 + bh
+    _, group, sharing = np.unique(block, return_inverse=True, return_counts=True)
+    value = np.round(magnitude / sharing[group] * MOTION_QUANTUM)
+    x0 = np.clip(np.floor((x - bw / 2) / MOTION_CELL), 0, cols).astype(np.int64)
+    x1 = np.clip(np.ceil((x + bw / 2) / MOTION_CELL), 0, cols).astype(np.int64)
+    y0 = np.clip(np.floor((y - bh / 2) / MOTION_CELL), 0, rows).astype(np.int64)
+    y1 = np.clip(np.ceil((y + bh / 2) / MOTION_CELL), 0, rows).astype(np.int64)
+    corners = np.concatenate((y0 * (cols + 1) + x0, y0 * (cols + 1) + x1, y1 * (cols + 1) + x0, y1 * (cols + 1) + x1))
+    signed = np.concatenate((value, -value, -value, value))
+    return np.bincount(corners, weights=signed, minlength=(rows + 1) * (cols + 1)).reshape(rows + 1, cols + 1)
 
 
 def residual_energy(frames: np.ndarray, patch_size: int) -> np.ndarray:
@@ -331,19 +341,25 @@ def select_patches(
         raise ValueError(f"scores must be a (T, h, w) grid, got shape {tuple(scores.shape)}")
     patch_budget = check_positive_int("patch_budget", patch_budget)
     min_score = _check_min_score(min_score)
-    per_frame = scores.shape[1] * scores.shape[2]
-    first = per_frame if keep_first_frame else 0
-    if first > patch_budget:
-        raise ValueError(
-            f"patch_budget={patch_budget} cannot hold the first frame whole ({scores.shape[1]}x{scores.shape[2]} = "
-            f"{per_frame} patches); raise patch_budget, shrink the frames, or set keep_first_frame=False"
-        )
+    first = 0
+    if keep_first_frame:
+        check_first_frame_fits(scores.shape[1], scores.shape[2], patch_budget)
+        first = scores.shape[1] * scores.shape[2]
     candidates = scores.reshape(-1)[first:].astype(np.float64)
     order = np.lexsort((np.arange(candidates.size), -candidates))
     above = order[candidates[order] > min_score]
     order = above if len(above) or first else order[:1]
     chosen = torch.from_numpy(order[: patch_budget - first].astype(np.int64)) + first
     return torch.cat((torch.arange(first), chosen)).sort().values
+
+
+def check_first_frame_fits(h: int, w: int, patch_budget: int) -> None:
+    """Refuse a first frame of ``h x w`` patches that ``patch_budget`` cannot hold whole."""
+    if h * w > patch_budget:
+        raise ValueError(
+            f"patch_budget={patch_budget} cannot hold the first frame whole ({h}x{w} = {h * w} patches); raise "
+            f"patch_budget, shrink the frames (e.g. resize_mode='budget' with max_pixels), or set keep_first_frame=False"
+        )
 
 
 def _check_min_score(min_score) -> float:

@@ -32,7 +32,15 @@ from ..model.positions import (
     interpolate_frame_indices,
 )
 from ..validation import check_positive_int
-from .codec import CodecSaliency, check_codec_options, fuse_saliency, read_video_with_motion, residual_energy, select_patches
+from .codec import (
+    CodecSaliency,
+    check_codec_options,
+    check_first_frame_fits,
+    fuse_saliency,
+    read_video_with_motion,
+    residual_energy,
+    select_patches,
+)
 from .video import (
     ANIMATED_IMAGE_FORMATS,
     VideoClip,
@@ -626,7 +634,7 @@ class LlavaViTPackingImageProcessor(BaseImageProcessor):
             )
         start = time.perf_counter()
         if isinstance(video, (str, Path)) and not is_animated_image(video):
-            clip = read_video_with_motion(video, num_frames, self.patch_size, self.target_size, self._resized)
+            clip = read_video_with_motion(video, num_frames, self.patch_size, self._codec_target_size, self._resized)
             frames, motion, indices, total = clip.frames, clip.motion, clip.frame_indices, clip.total_frames
             original, has_vectors, decoded = clip.original_size, clip.has_motion_vectors, clip.decoded_frames
             warnings = clip.warnings
@@ -675,6 +683,13 @@ class LlavaViTPackingImageProcessor(BaseImageProcessor):
                 seconds={"decode": decoded_at - start, "score": scored_at - decoded_at, "select": done - scored_at},
             ),
         )
+
+    def _codec_target_size(self, height: int, width: int) -> tuple[int, int]:
+        """:meth:`target_size`, refusing (before the whole clip is decoded) a first frame the budget cannot hold."""
+        size = self.target_size(height, width)
+        if self.keep_first_frame:
+            check_first_frame_fits(size[0] // self.patch_size, size[1] // self.patch_size, self.patch_budget)
+        return size
 
     @staticmethod
     def pack(samples: Sequence[PackedSample]) -> BatchFeature:

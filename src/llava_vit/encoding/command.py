@@ -11,6 +11,7 @@ import argparse
 import sys
 
 from ..processing import RESIZE_MODES
+from .distributed import from_environment
 from .pipeline import DEFAULT_SHARD_SIZE, EncodeError, encode_files, interrupt_on_sigterm
 from .store import SAVE_DTYPES, SAVE_MODES, StoreError
 
@@ -75,6 +76,9 @@ def run_encode(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print("llava-vit encode: interrupted before any input was encoded", file=sys.stderr)
         return 130
+    ranks = from_environment()
+    if ranks is not None and not ranks.leader:  # rank 0 prints the run's totals, and the failures of every rank
+        return 130 if summary.interrupted else 0
     print(summary.line())
     if summary.interrupted:
         return 130

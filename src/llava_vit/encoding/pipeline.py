@@ -39,6 +39,7 @@ from ..model.modeling import LlavaViTPackingModel
 from ..model.variants import PACKING_MODEL_NAMES, VARIANTS, packing_config
 from ..processing import VIDEO_EXTENSIONS, LlavaViTPackingImageProcessor, PackedSample
 from ..validation import check_positive_int, resolve_device
+from . import distributed
 from . import store as feature_store
 from .store import SAVE_DTYPES, SAVE_MODES, EncodedInput, StoreError, StoreWriter
 from .visualize import feature_picture
@@ -270,6 +271,8 @@ class EncodeSummary:
     bytes_written: int
     shards: int
     interrupted: bool = False
+    ranks: int = 1
+    """Processes of a torchrun run: rank 0's summary holds every rank's totals (its own only when interrupted)."""
     pass_grids: list[list[tuple[int, int, int]]] = field(default_factory=list, repr=False)
 
     @property
@@ -290,15 +293,20 @@ class EncodeSummary:
         rate = (f"{self.inputs_per_second:.1f} inputs/s, {self.tokens_per_second / 1e3:.1f}k tokens/s, "
                 f"model busy {self.busy:.0%}")
         stored = f"{self.shards} shard{'s' if self.shards != 1 else ''}, {_megabytes(self.bytes_written)}"
+        if self.interrupted and self.ranks > 1:
+            return (f"interrupted: rank 0 stored {self.encoded} inputs in {stored} of {self.output}/ in "
+                    f"{self.seconds:.1f} s ({rate}); each other rank stops after the shard it is writing; run again "
+                    f"with --resume (on any number of processes) to encode the rest")
         if self.interrupted:
             left = self.inputs - self.already_stored - self.encoded - len(self.failed)
             return (f"interrupted: {self.encoded} inputs stored in {stored} of {self.output}/ in {self.seconds:.1f} s "
                     f"({rate}); run again with --resume to encode the other {left}")
         resumed = f", {self.already_stored} already stored" if self.already_stored else ""
         failed = f", {len(self.failed)} failed" if self.failed else ""
+        processes = f" on {self.ranks} processes" if self.ranks > 1 else ""
         return (f"encoded {self.encoded} of {self.inputs} inputs{resumed}{failed} in {self.passes} forward "
-                f"pass{'' if self.passes == 1 else 'es'} ({self.tokens} tokens, {self.seconds:.1f} s: {rate}); "
-                f"wrote {stored} to {self.output}/")
+                f"pass{'' if self.passes == 1 else 'es'}{processes} ({self.tokens} tokens, {self.seconds:.1f} s: "
+                f"{rate}); wrote {stored} to {self.output}/")
 
 
 def _megabytes(n: int) -> str:
@@ -337,7 +345,8 @@ def encode_files(
     With ``resume``, inputs the store already holds are skipped; without it, ``output`` must be
     empty or new. Everything is checked before the model loads (:class:`EncodeError`,
     :class:`~llava_vit.encoding.store.StoreError`). Ctrl-C stops after the shard being written;
-    the summary says ``interrupted``.
+    the summary says ``interrupted``. Under torchrun, each process encodes its share into the same
+    store (see :mod:`llava_vit.encoding.distributed`).
     """
     specs = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
     if not specs:
@@ -349,17 +358,20 @@ def encode_files(
     if dtype is not None and dtype not in SAVE_DTYPES:
         raise EncodeError(f"--dtype must be one of {', '.join(SAVE_DTYPES)}, got {dtype!r}")
     max_tokens = _positive("--max-tokens", max_tokens)
+    auto_shard_size = shard_size is None
     shard_size = DEFAULT_SHARD_SIZE[save] if shard_size is None else _positive("--shard-size", shard_size)
-    workers = min(16, max(1, (os.cpu_count() or 2) - 2)) if workers is None else workers
-    if not isinstance(workers, int) or workers < 0:
-        raise EncodeError(f"--workers must be a non-negative integer, got {workers!r}")
     try:
-        run_device = resolve_device(device)
+        ranks = distributed.from_environment()  # None outside torchrun
+        run_device = resolve_device(device if ranks is None else distributed.rank_device(ranks, device))
         check_model_name(model)
         processor = load_processor(model, num_frames=frames, resize_mode=resize_mode, size=size,
                                    min_pixels=min_pixels, max_pixels=max_pixels, max_tokens=max_tokens)
     except (TypeError, ValueError, OSError) as error:
         raise EncodeError(str(error)) from error
+    cores = (os.cpu_count() or 2) // (1 if ranks is None else ranks.local_world_size)
+    workers = min(16, max(1, cores - 2)) if workers is None else workers
+    if not isinstance(workers, int) or workers < 0:
+        raise EncodeError(f"--workers must be a non-negative integer, got {workers!r}")
     model_dtype = SAVE_DTYPES[dtype] if dtype else (torch.bfloat16 if run_device.type == "cuda" else torch.float32)
     save_dtype = save_dtype or str(model_dtype).removeprefix("torch.")
 
@@ -370,6 +382,7 @@ def encode_files(
     out = Path(output)
     check_output_outside_inputs(out, specs, files)
     feature_store.check_output_folder(out, resume)
+    group = None if ranks is None else distributed.Group(ranks, run_device)
 
     encoder, identity = load_encoder(model, processor, run_device, model_dtype)
     settings = {
@@ -384,16 +397,25 @@ def encode_files(
         "processor": json.loads(json.dumps(processor.to_dict())),  # as the store will read it back
         "root": os.path.commonpath([str(f.parent) for f in files]),
     }
-    writer, accounted = feature_store.open_store(out, settings, resume)
-    todo = [f for f in files if str(f) not in accounted]
+    num_frames = processor.num_frames if frames is None else frames
+    if group is None:
+        writer, accounted = feature_store.open_store(out, settings, resume)
+        todo = share = [f for f in files if str(f) not in accounted]
+    else:
+        writer, todo = group.open_store(out, settings, resume, files)
+        share, shard_size = group.share(todo, processor, num_frames, shard_size, auto_shard_size)
+        failures = failures if group.leader else []  # rank 0 records the names that matched nothing
+        log, progress = (log, progress) if group.leader else (_quiet, False)
     label = f"{encoder.name}, {encoder.weights}"
     if encoder.random_weights:
         label += " - RANDOM WEIGHTS: the features only exercise the pipeline"
     log(f"model: {label}\ndevice: {run_device}, dtype: {settings['dtype']}, saving {save} as {save_dtype}; "
-        f"{len(files)} inputs" + (f", {len(files) - len(todo)} already stored" if len(files) > len(todo) else ""))
+        f"{len(files)} inputs" + (f", {len(files) - len(todo)} already stored" if len(files) > len(todo) else "")
+        + (f"\ntorchrun: {ranks.world_size} processes ({group.backend}); rank 0 encodes {len(share)} of the "
+           f"{len(todo)} inputs left, in shards of {shard_size}" if group else ""))
 
-    run = _Run(encoder, writer, todo, max_tokens, shard_size, save, SAVE_DTYPES[save_dtype], visualize,
-               workers, processor.num_frames if frames is None else frames, progress)
+    run = _Run(encoder, writer, share, max_tokens, shard_size, save, SAVE_DTYPES[save_dtype], visualize,
+               workers, num_frames, progress, report_skips=group is None)
     summary = run.execute()
     summary.inputs, summary.already_stored = len(files), len(files) - len(todo)
     if failures and not summary.interrupted:
@@ -401,7 +423,11 @@ def encode_files(
     summary.failed = failures + summary.failed
     if not summary.interrupted:
         writer.save_index(finished=True)
-    return summary
+    return summary if group is None else group.finish(summary)
+
+
+def _quiet(*args, **kwargs) -> None:
+    """The log of a torchrun rank other than 0."""
 
 
 def _positive(flag: str, value) -> int:
@@ -415,8 +441,10 @@ class _Run:
     """One run of the four stages over ``files`` (see the module docstring)."""
 
     def __init__(self, encoder: Encoder, writer: StoreWriter, files: list[Path], max_tokens: int, shard_size: int,
-                 save: str, save_dtype: torch.dtype, visualize: bool, workers: int, num_frames: int, progress: bool):
+                 save: str, save_dtype: torch.dtype, visualize: bool, workers: int, num_frames: int, progress: bool,
+                 report_skips: bool = True):
         self.encoder, self.writer, self.files = encoder, writer, files
+        self.report_skips = report_skips  # under torchrun, rank 0 lists every rank's skips at the end instead
         self.max_tokens, self.shard_size, self.save, self.save_dtype = max_tokens, shard_size, save, save_dtype
         self.visualize, self.workers, self.num_frames, self.progress = visualize, workers, num_frames, progress
         self.device = next(encoder.model.parameters()).device
@@ -532,7 +560,7 @@ class _Run:
                     self.summary.encoded += len(encoded)
                     self.summary.failed += item.failed
                     self.summary.bytes_written = self.writer.bytes_written
-                    for source, error in item.failed:
+                    for source, error in item.failed if self.report_skips else ():
                         bar.write(f"skipped {source}: {error}")
                     bar.update(len(item.failed))
                     continue

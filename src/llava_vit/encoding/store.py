@@ -154,6 +154,11 @@ class StoreWriter:
         self.folder, self.root, self.index = folder, root, WriterIndex(writer)
         self.bytes_written = 0
 
+    @property
+    def run(self) -> str:
+        """``run<K>``: the run this writer belongs to (every rank of a torchrun run has the same)."""
+        return self.index.writer.split("-")[0]
+
     def _relative(self, source: Path) -> str:
         return os.path.relpath(source, self.root)
 
@@ -392,5 +397,9 @@ def open_store(folder: Path, settings: dict, resume: bool, rank: int | None = No
     for stale in folder.glob(".run*.tmp"):
         if not stale.name.startswith(f".{run}"):
             stale.unlink(missing_ok=True)
-    writer = run if rank is None else f"{run}-rank{rank:03d}"
-    return StoreWriter(folder, root, writer), accounted
+    return StoreWriter(folder, root, writer_name(run, rank)), accounted
+
+
+def writer_name(run: str, rank: int | None) -> str:
+    """``run<K>`` for a one-process run, ``run<K>-rank<R>`` for rank ``R`` of a torchrun run."""
+    return run if rank is None else f"{run}-rank{rank:03d}"

@@ -43,7 +43,7 @@ import torch  # noqa: E402
 
 from llava_vit.model.attention import ATTN_IMPLEMENTATIONS, resolve_attn_implementation  # noqa: E402
 from llava_vit.model.configuration import LlavaViTConfig, LlavaViTPackingConfig  # noqa: E402
-from llava_vit.conversion.convert import to_timm_source_state_dict  # noqa: E402
+from llava_vit.convert.checkpoint import to_timm_source_state_dict  # noqa: E402
 from llava_vit.model.modeling import LlavaViTPackingModel  # noqa: E402
 from llava_vit.processing import patchify  # noqa: E402
 from llava_vit.reference import LlavaViT  # noqa: E402

@@ -6,7 +6,7 @@
 ``MODEL_NAME`` is the source variant (``llava_vit_large_ln``); the target defaults to
 ``hf_llava_vit_packing_<size>_ln`` and the output to ``<CKPT stem>_hf_packing`` beside the
 checkpoint. The written folder is verified against the source model (see
-:mod:`llava_vit.conversion.verify`). The original product document's examples also import the
+:mod:`llava_vit.convert.verify`). The original product document's examples also import the
 video position helpers from here, so they are re-exported.
 """
 
@@ -18,7 +18,7 @@ from pathlib import Path
 
 from llava_vit import compute_patch_positions_with_interpolated_temporal, interpolate_frame_indices
 from llava_vit.cli import add_conversion_options
-from llava_vit.conversion.command import convert_to_folder
+from llava_vit.convert.command import convert_to_folder
 from llava_vit.model.variants import PACKING_MODEL_NAMES, SOURCE_MODEL_NAMES
 
 __all__ = ["compute_patch_positions_with_interpolated_temporal", "interpolate_frame_indices", "main"]

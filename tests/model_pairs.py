@@ -14,7 +14,7 @@ from llava_vit import (
     compute_patch_positions_with_interpolated_temporal,
     interpolate_frame_indices,
 )
-from llava_vit.conversion.convert import to_packing_state_dict
+from llava_vit.convert.checkpoint import to_packing_state_dict
 from llava_vit.model.variants import SOURCE_EPS
 from llava_vit.processing import patchify
 

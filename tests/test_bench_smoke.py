@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from llava_vit.model.configuration import LlavaViTPackingConfig
-from llava_vit.conversion.convert import to_packing_state_dict, to_timm_source_state_dict
+from llava_vit.convert.checkpoint import to_packing_state_dict, to_timm_source_state_dict
 
 BENCH_DIR = Path(__file__).resolve().parents[1] / "bench"
 

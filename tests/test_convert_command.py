@@ -24,8 +24,8 @@ from safetensors.torch import load_file, save_file
 from conftest import GOLDEN_DIR, REPO_ROOT
 from golden_cases import MANIFEST, SET_NAMES, load_cases, pack, source_path
 import llava_vit
-from llava_vit.conversion import command as conversion_command
-from llava_vit.conversion import verify as conversion_verify
+from llava_vit.convert import command as conversion_command
+from llava_vit.convert import verify as conversion_verify
 from llava_vit import LlavaViTPackingModel
 from llava_vit.cli import main
 

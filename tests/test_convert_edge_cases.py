@@ -10,7 +10,7 @@ import torch
 
 from conftest import GOLDEN_DIR
 from llava_vit import LlavaViT, LlavaViTPackingConfig, LlavaViTPackingModel, source_config
-from llava_vit.conversion.convert import ConversionError, convert_checkpoint
+from llava_vit.convert.checkpoint import ConversionError, convert_checkpoint
 from model_pairs import TINY
 
 
@@ -48,3 +48,11 @@ def test_hf_temporal_context_reaches_the_processor_config(tmp_path):
     (folder / "config.json").write_text(json.dumps({**config, "rope_temporal_size": 16}))
     assert main(["convert", str(folder), "--output-dir", str(tmp_path / "out"), "--no-verify"]) == 0
     assert json.loads((tmp_path / "out" / "preprocessor_config.json").read_text())["temporal_context"] == 16
+
+
+def test_public_import_path_of_the_converter():
+    """``from llava_vit.convert import convert_checkpoint`` is part of the public API."""
+    from llava_vit.convert import convert_checkpoint as public
+    from llava_vit.convert.checkpoint import convert_checkpoint as library
+
+    assert public is library and public.__module__ == "llava_vit.convert.checkpoint"

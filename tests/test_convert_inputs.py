@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import save_file
 
 from llava_vit import LlavaViT, LlavaViTConfig, LlavaViTModel, LlavaViTPackingConfig
-from llava_vit.conversion.convert import convert_checkpoint
+from llava_vit.convert.checkpoint import convert_checkpoint
 from llava_vit.model.variants import SOURCE_EPS
 from llava_vit.reference import video_in_context
 from model_pairs import TINY, image_and_video, pack_image_and_video, randomize_

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from golden_cases import SET_NAMES, architecture_config, load_cases, pack, patchify, source_path
 from llava_vit import LlavaViTPackingConfig, LlavaViTPackingModel, compute_patch_positions_from_grid_thw
 from llava_vit.model.attention import torch_varlen_available
-from llava_vit.conversion.convert import convert_checkpoint
+from llava_vit.convert.checkpoint import convert_checkpoint
 from model_pairs import TINY, source_and_packed
 
 pytestmark = pytest.mark.cuda

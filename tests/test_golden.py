@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from golden_cases import SET_NAMES, architecture_config, load_cases, pack, source_path
-from llava_vit.conversion.convert import build_source_model, convert_checkpoint
+from llava_vit.convert.checkpoint import build_source_model, convert_checkpoint
 
 TOL = 1e-4
 
@@ -83,7 +83,7 @@ def test_video_context_recipe_gives_the_golden_visible_indices():
 def test_wrong_epsilon_is_detected():
     """The low-variance sets exist to catch a wrong norm epsilon: with the HF default it must fail."""
     from llava_vit import LlavaViTPackingConfig
-    from llava_vit.conversion.convert import read_checkpoint, to_packing_state_dict
+    from llava_vit.convert.checkpoint import read_checkpoint, to_packing_state_dict
 
     state, layout, _ = read_checkpoint(source_path("tinylowvar"))
     arch = architecture_config("tinylowvar").to_dict()

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from golden_cases import patchify
-from llava_vit.conversion.convert import to_packing_state_dict
+from llava_vit.convert.checkpoint import to_packing_state_dict
 from llava_vit.reference import video_in_context
 from model_pairs import TINY, image_and_video, pack_image_and_video, source_and_packed
 

@@ -39,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "convert":
-        from .conversion.command import run_convert
+        from .convert.command import run_convert
 
         return run_convert(args)
     return run_encode(args)

@@ -64,7 +64,7 @@ def _create(name: str, config_fn: Callable[..., Any], model_cls: type, pretraine
     if pretrained:
         raise ValueError(
             f"{name}: no weights are bundled or downloaded; create it with pretrained=False and load a "
-            f"checkpoint (llava_vit.conversion.convert_checkpoint, or load_state_dict)"
+            f"checkpoint (llava_vit.convert.convert_checkpoint, or load_state_dict)"
         )
     overrides = {k: v for k, v in kwargs.items() if k not in _TIMM_FACTORY_KWARGS}
     fields = set(config_fn(name).to_dict()) | {"attn_implementation"}

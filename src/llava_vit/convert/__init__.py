@@ -1,5 +1,5 @@
 """Source checkpoints to packed model folders: the conversion library and the ``convert`` command."""
 
-from .convert import ConversionError, convert_checkpoint
+from .checkpoint import ConversionError, convert_checkpoint
 
 __all__ = ["ConversionError", "convert_checkpoint"]

@@ -22,7 +22,7 @@ from ..model.modeling import LlavaViTPackingModel
 from ..model.positions import compute_patch_positions_with_interpolated_temporal, interpolate_frame_indices
 from ..processing import CLIP_MEAN, CLIP_STD, patchify
 from ..reference import video_in_context
-from .convert import ConversionError
+from .checkpoint import ConversionError
 
 FLOAT32_MAX_ABS = 1e-4
 """float32 passes when no output element differs from the source by more than this."""
@@ -184,7 +184,7 @@ class Reference:
 
 @torch.no_grad()
 def reference_outputs(source: torch.nn.Module, device: torch.device) -> Reference:
-    """Run ``source`` (float32, from :func:`llava_vit.conversion.convert.source_model`) on every sample.
+    """Run ``source`` (float32, from :func:`llava_vit.convert.checkpoint.source_model`) on every sample.
 
     Computed before the packed folder is loaded, so the two models are never on ``device``
     together (``source`` is released when the caller keeps no reference to it). On CUDA, TF32 is

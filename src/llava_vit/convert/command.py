@@ -2,7 +2,7 @@
 
 The folder (``config.json``, ``model.safetensors``, ``preprocessor_config.json``) is written
 into a temporary folder beside the target and verified against the source model built from the
-same loaded tensors (:mod:`llava_vit.conversion.verify`); only then is it renamed into place.
+same loaded tensors (:mod:`llava_vit.convert.verify`); only then is it renamed into place.
 Any failure leaves no output behind.
 
 Exit codes: 0 written (and verified), 1 not converted (the message says why), 3 verification
@@ -31,7 +31,7 @@ from ..model.positions import SOURCE_TEMPORAL_CONTEXT
 from ..model.variants import PACKING_MODEL_NAMES, SOURCE_MODEL_NAMES, packing_config, source_config
 from ..processing import LlavaViTPackingImageProcessor
 from ..validation import resolve_device
-from .convert import (
+from .checkpoint import (
     ARCH_FIELDS,
     ConversionError,
     already_packed_error,

@@ -3,8 +3,8 @@
 A clip is sampled uniformly at up to 64 frames (the model's temporal context). Every patch of
 every sampled frame gets a saliency score that fuses two signals a stock decoder gives:
 
-- **motion**: the motion vectors the decoder exports (FFmpeg's ``export_mvs``; H.264 and MPEG-4
-  part 2 / MPEG-1/2 export them, HEVC, VP9, AV1 and intra-only codecs do not). Every decoded frame
+- **motion**: the motion vectors the decoder exports (FFmpeg's ``export_mvs``: H.264 and MPEG-4
+  part 2 export them; HEVC and intra-only codecs such as MJPEG and FFV1 do not). Every decoded frame
   between the previous sampled frame (exclusive) and this one (inclusive) is decoded, its vectors'
   magnitudes are painted over their blocks, and the patch's motion is the mean over those
   inter-coded frames (I-frames carry no vectors and are left out of the mean) of the patch's
@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import math
 import numbers
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,7 +55,8 @@ MOTION_CELL = 4
 """Side in pixels of the cells motion vectors are painted on (H.264's smallest partition)."""
 MOTION_QUANTUM = 1024
 """Motion magnitudes are summed in whole 1/1024 pixels (exact, order-independent sums)."""
-_LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
+_LUMA = (np.float32(0.299), np.float32(0.587), np.float32(0.114))
+"""BT.601 luma weights of R, G, B."""
 
 
 @dataclass(frozen=True)
@@ -304,11 +304,10 @@ def residual_energy(frames: np.ndarray, patch_size: int) -> np.ndarray:
     p = patch_size
     h, w = height // p, width // p
     scale = np.float32(1 / 255) if frames.dtype == np.uint8 else np.float32(1)
-    luma = [(frame.astype(np.float32) @ _LUMA) * scale for frame in frames]
+    # Elementwise products, not a matrix product: BLAS may sum in an order that varies between runs.
+    luma = [sum(weight * frame[..., c].astype(np.float32) for c, weight in enumerate(_LUMA)) * scale for frame in frames]
     out = np.zeros((t, h, w), dtype=np.float32)
-    for i in range(t):
-        if t == 1:
-            break
+    for i in range(t if t > 1 else 0):
         j = i - 1 if i > 0 else 1
         diff = (luma[i] - luma[j])[: h * p, : w * p]
         out[i] = np.sqrt(np.square(diff).reshape(h, p, w, p).mean(axis=(1, 3)))

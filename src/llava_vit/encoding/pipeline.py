@@ -52,6 +52,7 @@ DEFAULT_SHARD_SIZE = {"pooled": 4096, "patches": 1024, "all": 1024}
 SHARD_FEATURE_BYTES = 1 << 30
 """A shard also closes once its patch features reach this size, which bounds the writer's memory."""
 WINDOW_PASSES = 8
+READER_NICENESS = 10
 """A look-ahead window holds inputs for about this many full forward passes."""
 
 
@@ -124,7 +125,22 @@ def load_encoder(model: str | os.PathLike, processor: LlavaViTPackingImageProces
             f"{PREPROCESSOR_CONFIG} has patch_size={processor.patch_size} but the model's is {net.config.patch_size}"
         )
     identity = feature_store.weights_sha256(net)
-    return Encoder(net.to(device=device, dtype=dtype).eval(), processor, name, random_weights), identity
+    net = net.to(device=device, dtype=dtype).eval()
+    if device.type == "cuda":
+        _warm_up(net)
+    return Encoder(net, processor, name, random_weights), identity
+
+
+def _warm_up(model: LlavaViTPackingModel) -> None:
+    """One small forward through each attention path, so that kernel compilation and library set-up
+    happen while the model loads, not in the first pass of the run."""
+    patch_dim = model.config.patch_dim
+    with torch.inference_mode():
+        for grids in ([[1, 2, 2], [1, 2, 2]], [[1, 2, 2], [2, 2, 3]]):  # equal lengths, then varlen
+            tokens = sum(t * h * w for t, h, w in grids)
+            model(hidden_states=torch.zeros(tokens, patch_dim, device=model.device, dtype=model.dtype),
+                  grid_thw=torch.tensor(grids))
+    torch.cuda.synchronize(model.device)
 
 
 def collect_inputs(specs: Sequence[str | os.PathLike]) -> tuple[list[Path], list[tuple[str, str]]]:
@@ -193,12 +209,18 @@ def _unbatched(item):
     return item
 
 
+def _yield_cpu(worker_id: int) -> None:
+    """Readers run at a lower priority than the process that feeds the GPU: when the cores are all
+    busy decoding, kernel launches and copies must not wait for a time slice."""
+    os.nice(READER_NICENESS)
+
+
 def read_samples(files: Sequence[Path], processor: LlavaViTPackingImageProcessor, num_frames: int | None,
                  workers: int) -> Iterator[tuple[int, PackedSample | None, str | None]]:
     """``(i, sample, None)`` or ``(i, None, error)`` for each file, in order, preprocessed by
     ``workers`` DataLoader processes (0: in this process) at most ``4 * workers`` inputs ahead."""
     loader = DataLoader(_Reads(files, processor, num_frames), batch_size=None, shuffle=False, num_workers=workers,
-                        collate_fn=_unbatched, prefetch_factor=4 if workers else None)
+                        collate_fn=_unbatched, prefetch_factor=4 if workers else None, worker_init_fn=_yield_cpu)
     yield from loader
 
 
@@ -271,6 +293,10 @@ class EncodeSummary:
     bytes_written: int
     shards: int
     interrupted: bool = False
+    startup_seconds: float = 0.0
+    """From the start until the first forward pass began (the readers filling the first window)."""
+    starved_seconds: float = 0.0
+    """Time the forward loop waited for packed inputs after the first pass (input-bound time)."""
     ranks: int = 1
     """Processes of a torchrun run: rank 0's summary holds every rank's totals (its own only when interrupted)."""
     pass_grids: list[list[tuple[int, int, int]]] = field(default_factory=list, repr=False)
@@ -411,7 +437,8 @@ def encode_files(
         label += " - RANDOM WEIGHTS: the features only exercise the pipeline"
     log(f"model: {label}\ndevice: {run_device}, dtype: {settings['dtype']}, saving {save} as {save_dtype}; "
         f"{len(files)} inputs" + (f", {len(files) - len(todo)} already stored" if len(files) > len(todo) else "")
-        + (f"\ntorchrun: {ranks.world_size} processes ({group.backend}); rank 0 encodes {len(share)} of the "
+        + (f"\ntorchrun: {ranks.world_size} process{'es' if ranks.world_size > 1 else ''} ({group.backend}); "
+           f"rank 0 encodes {len(share)} of the "
            f"{len(todo)} inputs left, in shards of {shard_size}" if group else ""))
 
     run = _Run(encoder, writer, share, max_tokens, shard_size, save, SAVE_DTYPES[save_dtype], visualize,
@@ -624,7 +651,12 @@ class _Run:
         writer.start()
         try:
             while True:
+                waited = time.perf_counter()
                 job = passes.get()
+                if self.summary.passes or self.summary.startup_seconds:
+                    self.summary.starved_seconds += time.perf_counter() - waited
+                else:
+                    self.summary.startup_seconds = time.perf_counter() - self.started
                 if self.errors:
                     raise self.errors[0]
                 if isinstance(job, _Pass):

@@ -41,7 +41,6 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 STORE_FILE = "store.json"
 STORE_FORMAT = "llava-vit-feature-store/1"
@@ -51,16 +50,6 @@ PICTURES = "pictures"
 _INDEX = re.compile(r"^index-(?P<writer>[A-Za-z0-9_.-]+)\.json$")
 SETTINGS_THAT_MUST_MATCH = ("model_sha256", "dtype", "save", "save_dtype", "processor")
 """A store is resumed only by a run that would write the same features the same way."""
-
-
-def _file_mode() -> int:
-    umask = os.umask(0o022)
-    os.umask(umask)
-    return 0o666 & ~umask
-
-
-_FILE_MODE = _file_mode()
-"""Mode of the files a store is made of: what ``open()`` would give under the process's umask."""
 
 
 class StoreError(ValueError):
@@ -167,10 +156,9 @@ class StoreWriter:
         in the writer's index, atomically."""
         if inputs:
             name = f"{self.index.writer}-{len(self.index.shards):05d}.safetensors"
-            tensors, metadata = _shard_tensors(inputs, self._relative)
+            parts, metadata = _shard_tensors(inputs, self._relative)
             temporary = self.folder / f".{name}.tmp"
-            save_file(tensors, str(temporary), metadata=metadata)
-            os.chmod(temporary, _FILE_MODE)  # safetensors creates files readable by their owner only
+            write_safetensors(temporary, parts, metadata)
             os.replace(temporary, self.folder / name)
             self.bytes_written += (self.folder / name).stat().st_size
             self.index.shards.append({"file": name, "inputs": len(inputs),
@@ -190,20 +178,53 @@ def _offsets(lengths: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
     return offsets
 
 
-def _shard_tensors(inputs: Sequence[EncodedInput], relative) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    tensors: dict[str, torch.Tensor] = {}
+_SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int64: "I64",
+                       torch.int32: "I32", torch.int16: "I16", torch.uint8: "U8", torch.bool: "BOOL"}
+
+
+def write_safetensors(path: Path, tensors: dict[str, list[torch.Tensor]], metadata: dict[str, str]) -> None:
+    """Write a safetensors file whose tensor ``name`` is the concatenation (along dim 0) of the parts
+    ``tensors[name]``, straight from the parts, then flush it to disk.
+
+    The same file ``safetensors.torch.save_file`` would write for the concatenated tensors, without
+    concatenating them and without the copy into a Python ``bytes`` that ``save_file`` makes while
+    holding the GIL (which stalls the thread that feeds the GPU); ``write`` releases the GIL.
+    """
+    header: dict = {"__metadata__": metadata}
+    offset = 0
+    for name, parts in tensors.items():
+        shape = [sum(part.shape[0] for part in parts), *parts[0].shape[1:]]
+        size = math.prod(shape) * parts[0].element_size()
+        header[name] = {"dtype": _SAFETENSORS_DTYPES[parts[0].dtype], "shape": shape,
+                        "data_offsets": [offset, offset + size]}
+        offset += size
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)
+    with open(path, "wb") as f:
+        f.write(len(encoded).to_bytes(8, "little"))
+        f.write(encoded)
+        for parts in tensors.values():
+            for part in parts:
+                if part.numel():
+                    f.write(part.contiguous().view(-1).view(torch.uint8).numpy().data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _shard_tensors(inputs: Sequence[EncodedInput], relative) -> tuple[dict[str, list[torch.Tensor]], dict[str, str]]:
+    tensors: dict[str, list[torch.Tensor]] = {}
     if inputs[0].pooled is not None:
-        tensors["pooled"] = torch.stack([x.pooled for x in inputs])
+        tensors["pooled"] = [x.pooled[None] for x in inputs]
     if inputs[0].patch_features is not None:
-        tensors["patch_features"] = torch.cat([x.patch_features for x in inputs])
-        tensors["patch_offsets"] = _offsets([x.patch_features.shape[0] for x in inputs], torch.int64)
-        tensors["patch_positions"] = torch.cat([x.patch_positions for x in inputs]).to(torch.int32)
-    tensors["grid_thw"] = torch.tensor([x.grid_thw for x in inputs], dtype=torch.int32)
-    tensors["original_size"] = torch.tensor([x.original_size for x in inputs], dtype=torch.int32)
-    tensors["total_frames"] = torch.tensor([x.total_frames for x in inputs], dtype=torch.int32)
-    tensors["is_video"] = torch.tensor([x.kind == "video" for x in inputs], dtype=torch.uint8)
-    tensors["frame_indices"] = torch.tensor([i for x in inputs for i in x.frame_indices], dtype=torch.int32)
-    tensors["frame_offsets"] = _offsets([len(x.frame_indices) for x in inputs], torch.int32)
+        tensors["patch_features"] = [x.patch_features for x in inputs]
+        tensors["patch_offsets"] = [_offsets([x.patch_features.shape[0] for x in inputs], torch.int64)]
+        tensors["patch_positions"] = [x.patch_positions.to(torch.int32) for x in inputs]
+    tensors["grid_thw"] = [torch.tensor([x.grid_thw for x in inputs], dtype=torch.int32)]
+    tensors["original_size"] = [torch.tensor([x.original_size for x in inputs], dtype=torch.int32)]
+    tensors["total_frames"] = [torch.tensor([x.total_frames for x in inputs], dtype=torch.int32)]
+    tensors["is_video"] = [torch.tensor([x.kind == "video" for x in inputs], dtype=torch.uint8)]
+    tensors["frame_indices"] = [torch.tensor([i for x in inputs for i in x.frame_indices], dtype=torch.int32)]
+    tensors["frame_offsets"] = [_offsets([len(x.frame_indices) for x in inputs], torch.int32)]
     metadata = {"format": STORE_FORMAT, "sources": json.dumps([relative(x.source) for x in inputs])}
     warnings = {str(i): list(x.warnings) for i, x in enumerate(inputs) if x.warnings}
     if warnings:

@@ -89,8 +89,15 @@ def make_dataset(folder: Path, images: int, videos: int, workers: int) -> dict:
 def run_one(args: argparse.Namespace) -> None:
     """Child process: one ``encode_files`` run; prints its figures as JSON on the last line."""
     from llava_vit import encode_files
+    from llava_vit.encoding.pipeline import collect_inputs, load_processor, read_samples
 
     options = json.loads(args.options)
+    files, _ = collect_inputs([args.inputs])
+    processor = load_processor(args.model, max_tokens=args.max_tokens)
+    workers = min(16, max(1, (os.cpu_count() or 2) - 2))
+    start = time.perf_counter()
+    read = sum(1 for _, sample, _ in read_samples(files, processor, None, workers) if sample is not None)
+    readers_only = read / (time.perf_counter() - start)
     summary = encode_files(args.inputs, model=args.model, output=args.store, max_tokens=args.max_tokens,
                            device=args.device, progress=False, **options)
     store_bytes = sum(f.stat().st_size for f in Path(args.store).rglob("*") if f.is_file())
@@ -98,7 +105,7 @@ def run_one(args: argparse.Namespace) -> None:
         "encoded": summary.encoded, "failed": len(summary.failed), "passes": summary.passes,
         "tokens": summary.tokens, "seconds": summary.seconds, "busy": summary.busy,
         "inputs_per_s": summary.inputs_per_second, "store_bytes": store_bytes,
-        "startup_seconds": summary.startup_seconds, "starved_seconds": summary.starved_seconds,
+        "readers_only_inputs_per_s": readers_only, "startup_seconds": summary.startup_seconds, "starved_seconds": summary.starved_seconds,
         "bytes_per_input": store_bytes / max(1, summary.encoded),
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "reader_peak_rss_mib": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
@@ -194,7 +201,7 @@ def main() -> None:
         print(f"{name:<24} {run['encoded']:>5} inputs  e2e {run['inputs_per_s']:7.1f}/s  model-only "
               f"{run['model_only_inputs_per_s']:7.1f}/s  ratio {run['e2e_over_model']:.1%}  busy {run['busy']:.0%}  "
               f"{run['bytes_per_input'] / 1e3:9.2f} kB/input  peak RSS {run['peak_rss_mib']:.0f} MiB "
-              f"(+ readers {run['reader_peak_rss_mib']:.0f} MiB each)  startup {run['startup_seconds']:.2f} s  "
+              f"(+ readers {run['reader_peak_rss_mib']:.0f} MiB each)  readers alone {run['readers_only_inputs_per_s']:.0f}/s  startup {run['startup_seconds']:.2f} s  "
               f"starved {run['starved_seconds']:.2f} s", flush=True)
         subprocess.run(["rm", "-rf", str(store)], check=True)
     (args.out / "encode_e2e.json").write_text(json.dumps(results, indent=1))

@@ -208,10 +208,10 @@ class Group:
     def share(self, todo: Sequence[Path], processor: LlavaViTPackingImageProcessor, num_frames: int,
               shard_size: int, auto: bool) -> tuple[list[Path], int]:
         """This rank's inputs (whole shards of ``todo``, balanced by estimated tokens) and the shard size:
-        ``shard_size``, or with ``auto`` at most that, small enough to give each rank about
-        :data:`SHARDS_PER_RANK` shards."""
+        ``shard_size``, or with ``auto`` and several ranks at most that, small enough to give each rank
+        about :data:`SHARDS_PER_RANK` shards."""
         world, rank = self.ranks.world_size, self.ranks.rank
-        if auto:
+        if auto and world > 1:
             shard_size = max(1, min(shard_size, math.ceil(len(todo) / (world * SHARDS_PER_RANK))))
         with ThreadPoolExecutor(HEADER_THREADS) as pool:
             mine = list(pool.map(lambda f: estimate_tokens(f, processor, num_frames), todo[rank::world]))

@@ -74,7 +74,7 @@ AUTO_CASES = [  # (device type, dtype, lengths, flash-attn installed, torch varl
     ("cpu", FP32, (3, 5), True, True, "sdpa"),
     ("cpu", BF16, (3, 5), True, True, "sdpa"),
     ("cuda", FP32, (3, 5), True, True, "sdpa"),
-    ("cuda", BF16, (4, 4, 4), True, True, "sdpa"),  # equal lengths: one batched SDPA call (cuDNN)
+    ("cuda", BF16, (4, 4, 4), True, True, "sdpa"),  # equal lengths seen before: one batched SDPA call (cuDNN)
     ("cuda", FP16, (7,), True, True, "sdpa"),
     ("cuda", BF16, (3, 5), True, True, "flash_attention_2"),
     ("cuda", FP16, (3, 5), True, False, "flash_attention_2"),
@@ -89,10 +89,27 @@ def test_auto_choice(device_type, dtype, lengths, flash, varlen, expected):
     assert auto_attn_implementation(device_type, dtype, lengths, flash, varlen) == expected
 
 
+@pytest.mark.parametrize("flash, varlen, expected", [(True, True, "flash_attention_2"), (False, True, "varlen"),
+                                                     (False, False, "sdpa")])
+def test_auto_runs_a_new_equal_length_shape_without_cudnn(flash, varlen, expected):
+    """cuDNN builds a plan per new shape: the first pack of a shape takes the varlen kernels."""
+    assert auto_attn_implementation("cuda", BF16, (9, 9), flash, varlen, shape_seen=False) == expected
+
+
 def test_auto_resolution_uses_the_installed_kernels():
     for device_type, dtype, lengths, *_ in AUTO_CASES:
         expected = auto_attn_implementation(device_type, dtype, lengths, flash_attn_available(), torch_varlen_available())
+        resolve_attn_implementation("auto", torch.device(device_type), dtype, lengths)  # the shape is now seen
         assert resolve_attn_implementation("auto", torch.device(device_type), dtype, lengths) == expected
+
+
+def test_auto_remembers_equal_length_shapes():
+    cuda, shape = torch.device("cuda"), (11, 11, 11)
+    first = resolve_attn_implementation("auto", cuda, BF16, shape)
+    assert first == auto_attn_implementation("cuda", BF16, shape, flash_attn_available(), torch_varlen_available(),
+                                             shape_seen=False)
+    assert resolve_attn_implementation("auto", cuda, BF16, shape) == "sdpa"
+    assert resolve_attn_implementation("auto", cuda, BF16, (11, 11)) == first  # another count is another shape
 
 
 def test_flash_attention_2_missing_package_raises_install_hint(monkeypatch):

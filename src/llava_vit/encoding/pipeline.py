@@ -24,6 +24,7 @@ import json
 import os
 import queue
 import signal
+import sys
 import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
@@ -53,6 +54,10 @@ SHARD_FEATURE_BYTES = 1 << 30
 """A shard also closes once its patch features reach this size, which bounds the writer's memory."""
 WINDOW_PASSES = 8
 READER_NICENESS = 10
+GIL_SWITCH_SECONDS = 5e-4
+"""While encoding, a thread asks for the GIL back after at most this long (Python's default: 5 ms).
+Every PyTorch call releases the GIL, so the thread launching the GPU's work re-acquires it
+hundreds of times a pass; the planner and writer threads must not keep it for milliseconds."""
 """A look-ahead window holds inputs for about this many full forward passes."""
 
 
@@ -595,6 +600,9 @@ class _Run:
                     item.ready.synchronize()
                     start, end = item.timing
                     self.summary.busy_seconds += start.elapsed_time(end) / 1e3
+                    # out of pinned memory at once, so the next passes reuse it instead of pinning more
+                    item.pooled, item.patches = (None if x is None else torch.empty_like(x).copy_(x)
+                                                 for x in (item.pooled, item.patches))
                 else:
                     self.summary.busy_seconds += item.timing
                 for (i, sample), pooled, patches in zip(item.items, _rows(item.pooled, len(item.items)),
@@ -647,6 +655,8 @@ class _Run:
         bar = tqdm(total=len(self.files), unit="input", desc="encoding", disable=not self.progress, smoothing=0.1)
         planner = threading.Thread(target=self._plan, args=(passes,), name="llava-vit-plan", daemon=True)
         writer = threading.Thread(target=self._write, args=(results, bar), name="llava-vit-write", daemon=True)
+        switch_interval = sys.getswitchinterval()
+        sys.setswitchinterval(GIL_SWITCH_SECONDS)
         planner.start()
         writer.start()
         try:
@@ -678,6 +688,7 @@ class _Run:
             _drain(passes)
             raise
         finally:
+            sys.setswitchinterval(switch_interval)
             bar.close()
             self.summary.seconds = time.perf_counter() - self.started
         return self.summary

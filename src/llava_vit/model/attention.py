@@ -12,8 +12,10 @@ token-major tensors ``(total_tokens, heads, head_dim)``:
 ``"auto"`` (the default) picks by what the installed packages, device, dtype and the pack allow:
 on CUDA in half precision, a pack of equal-length samples runs as one SDPA batch with cuDNN
 attention first (1.4-1.8x the TFLOP/s of varlen FA2 on an H100 at head_dim 64, see
-``bench/attention_kernels.py`` and docs/PERFORMANCE.md); other packs run flash-attn, else PyTorch
-varlen. Everything else runs SDPA (:func:`auto_attn_implementation`).
+``bench/attention_kernels.py`` and docs/PERFORMANCE.md) once its shape has been seen before:
+cuDNN builds a plan for every new shape (tens of milliseconds), which only a shape that comes
+back repays, so the first pack of a shape runs like any other pack. Other packs run flash-attn,
+else PyTorch varlen. Everything else runs SDPA (:func:`auto_attn_implementation`).
 
 :func:`varlen_attention` is excluded from ``torch.compile`` (``torch.compiler.disable``): the
 kernels take host-side sequence lengths that would otherwise specialize a compiled graph to one
@@ -22,6 +24,7 @@ pack, so compiled code around them serves packs of any lengths.
 
 from __future__ import annotations
 
+import collections
 import functools
 import importlib.util
 from dataclasses import dataclass, field
@@ -85,13 +88,15 @@ def check_attn_implementation(name: str | None) -> str:
 
 
 def auto_attn_implementation(
-    device_type: str, dtype: torch.dtype, lengths: tuple[int, ...], flash_attn: bool, torch_varlen: bool
+    device_type: str, dtype: torch.dtype, lengths: tuple[int, ...], flash_attn: bool, torch_varlen: bool,
+    shape_seen: bool = True,
 ) -> str:
     """The backend ``"auto"`` runs for a pack of sample ``lengths`` on ``device_type``/``dtype``,
-    given whether flash-attn and PyTorch's varlen kernel are installed."""
+    given whether flash-attn and PyTorch's varlen kernel are installed and whether a pack of this
+    shape (equal lengths) ran before."""
     if device_type != "cuda" or dtype not in (torch.float16, torch.bfloat16):
         return "sdpa"
-    if len(set(lengths)) == 1:
+    if len(set(lengths)) == 1 and shape_seen:
         return "sdpa"
     if flash_attn:
         return "flash_attention_2"
@@ -107,13 +112,32 @@ def resolve_attn_implementation(
     (``"auto"`` picks the fastest, see :func:`auto_attn_implementation`)."""
     name = check_attn_implementation(name)
     if name == "auto":
-        return auto_attn_implementation(device.type, dtype, lengths, flash_attn_available(), torch_varlen_available())
+        return auto_attn_implementation(device.type, dtype, lengths, flash_attn_available(), torch_varlen_available(),
+                                        _seen_before(lengths))
     if name in ("flash_attention_2", "varlen") and not (device.type == "cuda" and dtype in (torch.float16, torch.bfloat16)):
         raise ValueError(
             f"attn_implementation={name!r} runs FlashAttention kernels, which need a CUDA device and "
             f"float16/bfloat16; got device={device.type}, dtype={dtype}. Use 'sdpa' or 'auto'."
         )
     return name
+
+
+_EQUAL_SHAPES: collections.OrderedDict[tuple[int, int], None] = collections.OrderedDict()
+_EQUAL_SHAPES_KEPT = 64
+"""Equal-length pack shapes ``(samples, length)`` seen lately (least recently seen dropped first)."""
+
+
+def _seen_before(lengths: tuple[int, ...]) -> bool:
+    """Whether an equal-length pack of this shape ran before; records it."""
+    if not lengths or len(set(lengths)) != 1:
+        return False
+    shape = (len(lengths), lengths[0])
+    seen = shape in _EQUAL_SHAPES
+    _EQUAL_SHAPES[shape] = None
+    _EQUAL_SHAPES.move_to_end(shape)
+    if len(_EQUAL_SHAPES) > _EQUAL_SHAPES_KEPT:
+        _EQUAL_SHAPES.popitem(last=False)
+    return seen
 
 
 @torch.compiler.disable

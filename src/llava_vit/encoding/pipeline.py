@@ -53,6 +53,8 @@ DEFAULT_SHARD_SIZE = {"pooled": 4096, "patches": 1024, "all": 1024}
 SHARD_FEATURE_BYTES = 1 << 30
 """A shard also closes once its patch features reach this size, which bounds the writer's memory."""
 WINDOW_PASSES = 8
+FIRST_WINDOW_PASSES = 2
+"""A shard's first window is smaller, so the GPU starts as soon as a few inputs are read."""
 READER_NICENESS = 10
 GIL_SWITCH_SECONDS = 5e-4
 """While encoding, a thread asks for the GIL back after at most this long (Python's default: 5 ms).
@@ -496,6 +498,7 @@ class _Run:
             failed: list[tuple[str, str]] = []
             shard_bytes = 0
             window_tokens = 0
+            first_window = True
             bytes_per_token = self.encoder.model.config.hidden_size * self.save_dtype.itemsize
             for i, sample, error in read_samples(self.files, self.encoder.processor, self.num_frames,
                                                  self.workers):
@@ -510,12 +513,13 @@ class _Run:
                     if self.keep_patches and self.save != "pooled":
                         shard_bytes += sample.num_tokens * bytes_per_token
                 shard_full = len(shard) == self.shard_size or shard_bytes >= SHARD_FEATURE_BYTES
-                if window and (shard_full or window_tokens >= WINDOW_PASSES * self.max_tokens):
+                passes_ahead = FIRST_WINDOW_PASSES if first_window else WINDOW_PASSES
+                if window and (shard_full or window_tokens >= passes_ahead * self.max_tokens):
                     self._queue_window(window, passes)
-                    window, window_tokens = [], 0
+                    window, window_tokens, first_window = [], 0, False
                 if shard_full:
                     self._put(passes, _ShardEnd(shard, failed))
-                    shard, failed, shard_bytes = [], [], 0
+                    shard, failed, shard_bytes, first_window = [], [], 0, True
             if window:
                 self._queue_window(window, passes)
             if shard:

@@ -316,3 +316,24 @@ def test_bundled_media(model_dir, media_dir, tmp_path, capsys):
     clip = by_name(store)["clip_2.mp4"]
     assert clip["frame_indices"] == [0, 3, 5, 8, 11, 14, 16, 19]
     assert len(list((out / "pictures").glob("*.png"))) == 4
+
+
+def test_codec_sampled_videos_keep_their_patches_in_the_store(model_dir, media, tmp_path, capsys):
+    out = tmp_path / "out"
+    clip = media / "nested" / "clip.mp4"
+    assert encode(clip, media / "gray.png", "--model", model_dir, "--output", out, "--video-sampling", "codec",
+                  "--patch-budget", "40", "--save", "all", "--visualize", *CPU32) == 0
+    items = by_name(FeatureStore(out))
+    video, image = items["clip.mp4"], items["gray.png"]
+    kept = video["kept_indices"]
+    assert video["grid_thw"] == (1, 1, len(kept)) and len(kept) <= 40
+    t, h, w = video["sampled_grid_thw"]
+    assert (t, h, w) == (4, 4, 6) and kept.unique().numel() == len(kept) and int(kept.max()) < t * h * w
+    assert torch.equal(kept[:h * w], torch.arange(h * w, dtype=kept.dtype))  # the first frame, whole
+    assert video["patch_features"].shape == (len(kept), 64) and video["patch_positions"].shape == (len(kept), 3)
+    assert "kept_indices" not in image and image["grid_thw"] == (1, 5, 7)
+    with Image.open(video["picture"]) as picture:
+        assert picture.width > 100
+    assert encode(clip, "--model", model_dir, "--output", tmp_path / "o2", "--video-sampling", "codec",
+                  "--patch-budget", "500", "--max-tokens", "100") == 2
+    assert "--patch-budget 500 is more than --max-tokens 100" in capsys.readouterr().err

@@ -11,6 +11,7 @@ import argparse
 import sys
 
 from ..processing import RESIZE_MODES
+from ..processing.image_processing import VIDEO_SAMPLINGS
 from .distributed import from_environment
 from .pipeline import DEFAULT_SHARD_SIZE, EncodeError, encode_files, interrupt_on_sigterm
 from .store import SAVE_DTYPES, SAVE_MODES, StoreError
@@ -43,6 +44,13 @@ def add_encode_arguments(encode: argparse.ArgumentParser) -> None:
     encode.add_argument("--frames", type=int, default=None,
                         help="frames sampled uniformly from each video "
                              "(default: the model folder's preprocessor_config.json, else 8)")
+    encode.add_argument("--video-sampling", choices=VIDEO_SAMPLINGS, default=None,
+                        help="uniform: every patch of --frames frames; codec: the salient patches (motion vectors "
+                             "and frame differences) of 64 frames, at most --patch-budget of them (see "
+                             "docs/CODEC_SAMPLING.md) (default: the model folder's preprocessor_config.json, else uniform)")
+    encode.add_argument("--patch-budget", type=int, default=None,
+                        help="patches kept per video with --video-sampling codec, first frame included "
+                             "(default: the model folder's preprocessor_config.json, else 4096)")
     encode.add_argument("--resize-mode", choices=RESIZE_MODES, default=None,
                         help="floor: each side floored to a patch multiple; fixed: every picture to --size; "
                              "budget: aspect kept, area brought into [--min-pixels, --max-pixels] "
@@ -67,6 +75,7 @@ def run_encode(args: argparse.Namespace) -> int:
             args.inputs, model=args.model, output=args.output, save=args.save, save_dtype=args.save_dtype,
             shard_size=args.shard_size, max_tokens=args.max_tokens, frames=args.frames,
             resize_mode=args.resize_mode, size=args.size, min_pixels=args.min_pixels, max_pixels=args.max_pixels,
+            video_sampling=args.video_sampling, patch_budget=args.patch_budget,
             resume=args.resume, visualize=args.visualize, device=args.device, dtype=args.dtype,
             workers=args.workers, progress=not args.quiet,
         )

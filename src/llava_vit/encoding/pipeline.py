@@ -44,6 +44,7 @@ from . import distributed
 from . import store as feature_store
 from .store import SAVE_DTYPES, SAVE_MODES, EncodedInput, StoreError, StoreWriter
 from .visualize import feature_picture
+from ..processing.codec import draw_kept_patches
 
 RANDOM_WEIGHTS_SEED = 0
 PREPROCESSOR_CONFIG = "preprocessor_config.json"
@@ -360,6 +361,8 @@ def encode_files(
     size: int | None = None,
     min_pixels: int | None = None,
     max_pixels: int | None = None,
+    video_sampling: str | None = None,
+    patch_budget: int | None = None,
     resume: bool = False,
     visualize: bool = False,
     device: str | None = None,
@@ -374,7 +377,8 @@ def encode_files(
     ``"pooled"`` (one vector per input), ``"patches"`` or ``"all"``; ``save_dtype`` defaults to the
     model's dtype (bfloat16 on CUDA, float32 on the CPU). ``max_tokens`` bounds a forward pass and
     every input: larger ones are scaled down to fit (recorded as a warning). ``frames``,
-    ``resize_mode``, ``size``, ``min_pixels`` and ``max_pixels`` override the model's processor.
+    ``resize_mode``, ``size``, ``min_pixels``, ``max_pixels``, ``video_sampling`` (``"uniform"`` or
+    ``"codec"``) and ``patch_budget`` override the model's processor.
     With ``resume``, inputs the store already holds are skipped; without it, ``output`` must be
     empty or new. Everything is checked before the model loads (:class:`EncodeError`,
     :class:`~llava_vit.encoding.store.StoreError`). Ctrl-C stops after the shard being written;
@@ -398,7 +402,11 @@ def encode_files(
         run_device = resolve_device(device if ranks is None else distributed.rank_device(ranks, device))
         check_model_name(model)
         processor = load_processor(model, num_frames=frames, resize_mode=resize_mode, size=size,
-                                   min_pixels=min_pixels, max_pixels=max_pixels, max_tokens=max_tokens)
+                                   min_pixels=min_pixels, max_pixels=max_pixels, max_tokens=max_tokens,
+                                   video_sampling=video_sampling, patch_budget=patch_budget)
+        if processor.video_sampling == "codec" and processor.patch_budget > max_tokens:
+            raise ValueError(f"--patch-budget {processor.patch_budget} is more than --max-tokens {max_tokens}: "
+                             f"a codec-sampled video must fit in one forward pass")
     except (TypeError, ValueError, OSError) as error:
         raise EncodeError(str(error)) from error
     cores = (os.cpu_count() or 2) // (1 if ranks is None else ranks.local_world_size)
@@ -631,7 +639,8 @@ class _Run:
             total_frames=sample.total_frames, frame_indices=sample.frame_indices,
             pooled=pooled, patch_features=patches if self.save != "pooled" else None,
             patch_positions=sample.patch_positions if self.save != "pooled" else None,
-            warnings=sample.warnings, picture=picture,
+            warnings=sample.warnings, picture=picture, kept_indices=sample.kept_indices,
+            sampled_grid_thw=sample.sampled_grid_thw,
         )
 
     def _picture(self, source: Path, sample: PackedSample, patches: torch.Tensor) -> str:
@@ -647,6 +656,9 @@ class _Run:
         caption = (f"{source.name}  {sample.kind} {width}x{height}{frames_note} -> grid t,h,w = "
                    f"{tuple(sample.grid_thw)}\n{self.encoder.name}, {self.encoder.weights} | left: input as "
                    f"encoded, right: patch features' PCA 1-3 as RGB")
+        if sample.kept_indices is not None:  # codec-sampled: the kept patches over the sampled frames
+            draw_kept_patches(sample, self.encoder.processor).save(folder / name)
+            return name
         frames = self.encoder.processor.to_pixels(sample.hidden_states, sample.grid_thw)
         feature_picture(frames, patches.float(), sample.grid_thw, caption).save(folder / name)
         return name

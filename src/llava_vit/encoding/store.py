@@ -121,6 +121,9 @@ class EncodedInput:
     patch_positions: torch.Tensor | None
     warnings: tuple[str, ...] = ()
     picture: str | None = None
+    kept_indices: torch.Tensor | None = None
+    """Codec-sampled videos: the kept patches' indices in ``sampled_grid_thw``."""
+    sampled_grid_thw: tuple[int, int, int] | None = None
 
 
 @dataclass
@@ -225,6 +228,12 @@ def _shard_tensors(inputs: Sequence[EncodedInput], relative) -> tuple[dict[str, 
     tensors["is_video"] = [torch.tensor([x.kind == "video" for x in inputs], dtype=torch.uint8)]
     tensors["frame_indices"] = [torch.tensor([i for x in inputs for i in x.frame_indices], dtype=torch.int32)]
     tensors["frame_offsets"] = [_offsets([len(x.frame_indices) for x in inputs], torch.int32)]
+    if any(x.kept_indices is not None for x in inputs):  # codec-sampled videos in the shard
+        kept = [x.kept_indices if x.kept_indices is not None else torch.empty(0, dtype=torch.long) for x in inputs]
+        tensors["kept_indices"] = [k.to(torch.int32) for k in kept]
+        tensors["kept_offsets"] = [_offsets([len(k) for k in kept], torch.int64)]
+        tensors["sampled_grid_thw"] = [torch.tensor([x.sampled_grid_thw or x.grid_thw for x in inputs],
+                                                    dtype=torch.int32)]
     metadata = {"format": STORE_FORMAT, "sources": json.dumps([relative(x.source) for x in inputs])}
     warnings = {str(i): list(x.warnings) for i, x in enumerate(inputs) if x.warnings}
     if warnings:
@@ -323,6 +332,11 @@ class FeatureStore:
                 "warnings": shard.warnings.get(row, []),
             }
             keys = set(f.keys())
+            if "kept_indices" in keys:
+                start, end = f.get_slice("kept_offsets")[row:row + 2].tolist()
+                if end > start:
+                    item["kept_indices"] = f.get_slice("kept_indices")[start:end]
+                    item["sampled_grid_thw"] = tuple(f.get_slice("sampled_grid_thw")[row:row + 1][0].tolist())
             if "pooled" in keys:
                 item["pooled"] = f.get_slice("pooled")[row:row + 1][0]
             if "patch_features" in keys:

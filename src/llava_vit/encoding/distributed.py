@@ -242,7 +242,7 @@ class Group:
 
 def combined(parts: Sequence[EncodeSummary]) -> EncodeSummary:
     """One summary for a run made of ``parts`` (one per rank, rank 0 first): counts and bytes added,
-    the wall time of the slowest rank, the model's mean busy time per rank."""
+    the wall time and the startup of the slowest rank, the mean busy and starved time per rank."""
     return replace(
         parts[0],
         encoded=sum(p.encoded for p in parts),
@@ -251,6 +251,8 @@ def combined(parts: Sequence[EncodeSummary]) -> EncodeSummary:
         tokens=sum(p.tokens for p in parts),
         seconds=max(p.seconds for p in parts),
         busy_seconds=sum(p.busy_seconds for p in parts) / len(parts),
+        startup_seconds=max(p.startup_seconds for p in parts),
+        starved_seconds=sum(p.starved_seconds for p in parts) / len(parts),
         bytes_written=sum(p.bytes_written for p in parts),
         shards=sum(p.shards for p in parts),
         pass_grids=[g for p in parts for g in p.pass_grids],

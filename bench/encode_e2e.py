@@ -34,6 +34,7 @@ CASES = {  # name: (media, encode options)
     "images_pooled": ("images", {"save": "pooled"}),
     "images_all_bf16": ("images", {"save": "all", "save_dtype": "bfloat16"}),
     "videos_pooled": ("videos", {"save": "pooled"}),
+    "videos_codec": ("videos", {"save": "pooled", "video_sampling": "codec", "patch_budget": 4096}),
     "images_pooled_quarter": ("images_quarter", {"save": "pooled"}),
 }
 
@@ -93,19 +94,24 @@ def run_one(args: argparse.Namespace) -> None:
 
     options = json.loads(args.options)
     files, _ = collect_inputs([args.inputs])
-    processor = load_processor(args.model, max_tokens=args.max_tokens)
+    processor = load_processor(args.model, max_tokens=args.max_tokens, video_sampling=options.get("video_sampling"),
+                               patch_budget=options.get("patch_budget"))
     workers = min(16, max(1, (os.cpu_count() or 2) - 2))
     start = time.perf_counter()
     read = sum(1 for _, sample, _ in read_samples(files, processor, None, workers) if sample is not None)
     readers_only = read / (time.perf_counter() - start)
     summary = encode_files(args.inputs, model=args.model, output=args.store, max_tokens=args.max_tokens,
                            device=args.device, progress=False, **options)
+    codec_seconds = {}
+    if options.get("video_sampling") == "codec":  # the cost of codec sampling, per clip, in this process
+        costs = [processor.preprocess_file(f).codec.seconds for f in files[:8]]
+        codec_seconds = {step: sum(c[step] for c in costs) / len(costs) for step in costs[0]}
     store_bytes = sum(f.stat().st_size for f in Path(args.store).rglob("*") if f.is_file())
     print(json.dumps({
         "encoded": summary.encoded, "failed": len(summary.failed), "passes": summary.passes,
         "tokens": summary.tokens, "seconds": summary.seconds, "busy": summary.busy,
         "inputs_per_s": summary.inputs_per_second, "store_bytes": store_bytes,
-        "readers_only_inputs_per_s": readers_only, "startup_seconds": summary.startup_seconds, "starved_seconds": summary.starved_seconds,
+        "readers_only_inputs_per_s": readers_only, "codec_seconds_per_clip": codec_seconds, "startup_seconds": summary.startup_seconds, "starved_seconds": summary.starved_seconds,
         "bytes_per_input": store_bytes / max(1, summary.encoded),
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "reader_peak_rss_mib": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,

@@ -13,8 +13,9 @@ inputs:
 4. **write** (a thread): waits for each pass's results, puts them in input order, and writes a
    shard (atomically, then the store's index) as soon as all its inputs are in.
 
-Packing never changes a result (attention never crosses inputs), and the plan depends only on the
-inputs in order, so a resumed run packs the inputs it has left exactly as a whole run would.
+Attention never crosses inputs, so packing changes a result only by float rounding; and the plan
+depends only on the inputs in order, so a resumed run packs the inputs it has left exactly as a
+whole run would (bit-equal features).
 """
 
 from __future__ import annotations

@@ -328,12 +328,15 @@ def test_codec_sampled_videos_keep_their_patches_in_the_store(model_dir, media, 
     kept = video["kept_indices"]
     assert video["grid_thw"] == (1, 1, len(kept)) and len(kept) <= 40
     t, h, w = video["sampled_grid_thw"]
-    assert (t, h, w) == (4, 4, 6) and kept.unique().numel() == len(kept) and int(kept.max()) < t * h * w
+    assert (t, h, w) == (10, 4, 6) and kept.unique().numel() == len(kept) and int(kept.max()) < t * h * w
     assert torch.equal(kept[:h * w], torch.arange(h * w, dtype=kept.dtype))  # the first frame, whole
     assert video["patch_features"].shape == (len(kept), 64) and video["patch_positions"].shape == (len(kept), 3)
     assert "kept_indices" not in image and image["grid_thw"] == (1, 5, 7)
     with Image.open(video["picture"]) as picture:
         assert picture.width > 100
+    out3 = tmp_path / "o3"  # the default processor: 64 frames (all 10 here), not the uniform default of 8
+    assert encode(clip, "--model", "small", "--output", out3, "--video-sampling", "codec", *CPU32) == 0
+    assert FeatureStore(out3)[0]["sampled_grid_thw"][0] == 10
     assert encode(clip, "--model", model_dir, "--output", tmp_path / "o2", "--video-sampling", "codec",
                   "--patch-budget", "500", "--max-tokens", "100") == 2
     assert "--patch-budget 500 is more than --max-tokens 100" in capsys.readouterr().err

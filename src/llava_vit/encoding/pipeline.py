@@ -439,7 +439,8 @@ def encode_files(
         "processor": json.loads(json.dumps(processor.to_dict())),  # as the store will read it back
         "root": os.path.commonpath([str(f.parent) for f in files]),
     }
-    num_frames = processor.num_frames if frames is None else frames
+    # frames a video gives: --frames, else the processor's (uniform) or the temporal context (codec)
+    num_frames = frames or (processor.temporal_context if processor.video_sampling == "codec" else processor.num_frames)
     if group is None:
         writer, accounted = feature_store.open_store(out, settings, resume)
         todo = share = [f for f in files if str(f) not in accounted]
@@ -458,7 +459,7 @@ def encode_files(
            f"{len(todo)} inputs left, in shards of {shard_size}" if group else ""))
 
     run = _Run(encoder, writer, share, max_tokens, shard_size, save, SAVE_DTYPES[save_dtype], visualize,
-               workers, num_frames, progress, report_skips=group is None)
+               workers, frames, progress, report_skips=group is None)
     summary = run.execute()
     summary.inputs, summary.already_stored = len(files), len(files) - len(todo)
     if failures and not summary.interrupted:
@@ -484,7 +485,7 @@ class _Run:
     """One run of the four stages over ``files`` (see the module docstring)."""
 
     def __init__(self, encoder: Encoder, writer: StoreWriter, files: list[Path], max_tokens: int, shard_size: int,
-                 save: str, save_dtype: torch.dtype, visualize: bool, workers: int, num_frames: int, progress: bool,
+                 save: str, save_dtype: torch.dtype, visualize: bool, workers: int, num_frames: int | None, progress: bool,
                  report_skips: bool = True):
         self.encoder, self.writer, self.files = encoder, writer, files
         self.report_skips = report_skips  # under torchrun, rank 0 lists every rank's skips at the end instead

@@ -1,10 +1,10 @@
-"""Preprocessing throughput of the bundled media, against the seed's torchvision recipe.
+"""Preprocessing throughput of the bundled media, against the original implementation's torchvision recipe.
 
     python scripts/preprocessing_speed.py [MEDIA_DIR] [--patch-size 16] [--repeats 20]
 
 MEDIA_DIR defaults to ``../shared/media`` beside the repository (or ``$LLAVA_VIT_SHARED/media``).
 Prints per-item time and items/s (best and median of the repeats) of: the whole image path from the
-file, the same from an already decoded PIL image, the seed's recipe on that image, the two photos
+file, the same from an already decoded PIL image, the original recipe on that image, the two photos
 through the encode pipeline's reader processes, square JPEGs cut from the first photo (the sizes of
 the GPU benchmark's workloads, to set against the model's images/s there), and the 8-frame video
 path from each clip file.
@@ -30,8 +30,9 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_MEDIA = Path(os.environ.get("LLAVA_VIT_SHARED", REPO_ROOT.parent / "shared")) / "media"
 
 
-def seed_recipe(image: Image.Image, patch_size: int) -> torch.Tensor:
-    """The seed's ``image_to_packing_input`` (reference timing)."""
+def original_recipe(image: Image.Image, patch_size: int) -> torch.Tensor:
+    """The original implementation's ``image_to_packing_input``: PIL bicubic floor resize,
+    ``ToTensor`` + ``Normalize``, ``(h, w, C, p, p)`` patches (reference timing)."""
     w, h = image.size
     new_h, new_w = h // patch_size * patch_size, w // patch_size * patch_size
     x = T.Compose([T.ToTensor(), T.Normalize(CLIP_MEAN, CLIP_STD)])(image.resize((new_w, new_h)))
@@ -76,7 +77,7 @@ def main() -> None:
         report(timings({
             f"{path.name}: from file": lambda: processor.preprocess_image(path),
             f"{path.name}: from decoded PIL": lambda: processor.preprocess_image(rgb),
-            f"{path.name}: seed recipe from decoded PIL": lambda: seed_recipe(rgb, args.patch_size),
+            f"{path.name}: original recipe from decoded PIL": lambda: original_recipe(rgb, args.patch_size),
         }, args.repeats))
     workers = min(16, max(1, (os.cpu_count() or 2) - 2))
 

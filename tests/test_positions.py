@@ -12,7 +12,7 @@ from llava_vit import (
 )
 
 
-def seed_positions_from_grid(grid_thw):
+def original_positions_from_grid(grid_thw):
     rows = []
     for t, h, w in grid_thw.tolist():
         for ti in range(t):
@@ -22,7 +22,7 @@ def seed_positions_from_grid(grid_thw):
     return torch.tensor(rows)
 
 
-def seed_interpolated_positions(indices, h, w):
+def original_interpolated_positions(indices, h, w):
     rows = []
     for clip in indices.tolist():
         for t in clip:
@@ -34,7 +34,7 @@ def seed_interpolated_positions(indices, h, w):
 
 def test_positions_from_grid_match_loop():
     grid = torch.tensor([[1, 3, 5], [4, 2, 3], [1, 1, 1], [2, 1, 7]])
-    assert torch.equal(compute_patch_positions_from_grid_thw(grid), seed_positions_from_grid(grid))
+    assert torch.equal(compute_patch_positions_from_grid_thw(grid), original_positions_from_grid(grid))
 
 
 def test_interpolated_indices_match_the_documented_examples():
@@ -57,6 +57,6 @@ def test_interpolation_is_batched():
 def test_interpolated_positions_match_loop(batch):
     slots = interpolate_frame_indices(torch.arange(8).expand(batch, 8), torch.full((batch,), 8))
     out = compute_patch_positions_with_interpolated_temporal(slots, 3, 4, device="cpu")
-    assert torch.equal(out, seed_interpolated_positions(slots, 3, 4))
+    assert torch.equal(out, original_interpolated_positions(slots, 3, 4))
     assert out.shape == (batch * 8 * 12, 3)
     assert out[12].tolist() == [9, 0, 0]  # first patch of frame 1 sits at slot 9

@@ -1,13 +1,15 @@
 """Images and videos in, packed encoder inputs out: ``hidden_states``, ``grid_thw``, ``patch_positions``.
 
-Every picture follows the seed's recipe: an RGB image, resized (by default each side floored to a
-patch multiple with PIL bicubic), then torchvision's ``ToTensor`` + ``Normalize`` and the seed's
-``(h, w, C, p, p)`` patch layout. The same float32 operations run once on the whole picture (or
-clip), on pixels put in patch order while they are still bytes, so results are bit-identical to
-the seed's. Files are read as a viewer shows them: EXIF orientation, high bit depths scaled to 8
-bits, transparency over a background colour, a video's display matrix, animated GIF/APNG/WebP as
-videos. Videos are decoded with PyAV, converting only the sampled frames to RGB, and their frames
-are placed in the source model's 64-frame temporal context.
+Every picture follows the original implementation's recipe: an RGB image, resized (by default
+each side floored to a patch multiple with PIL bicubic), then torchvision's ``ToTensor`` +
+``Normalize`` and the ``(h, w, C, p, p)`` patch layout (docs/ARCHITECTURE.md, "The packing
+contract"). The same float32 operations run once on the whole picture (or clip), on pixels put in
+patch order while they are still bytes, so results are bit-identical to that recipe's
+(docs/PROCESSING.md, "The processor"). Files are read as a viewer shows them: EXIF orientation,
+high bit depths scaled to 8 bits, transparency over a background colour, a video's display
+matrix, animated GIF/APNG/WebP as videos. Videos are decoded with PyAV, converting only the
+sampled frames to RGB, and their frames are placed in the source model's 64-frame temporal
+context.
 """
 
 from __future__ import annotations
@@ -183,7 +185,8 @@ def _stretched(values: np.ndarray, low: float, high: float) -> np.ndarray:
 
 def _composited(image: Image.Image, background: Sequence[int]) -> Image.Image:
     """A picture with an alpha channel or a transparent colour, over an opaque ``background``: what
-    viewers show. A fully opaque picture gives exactly ``image.convert("RGB")`` (the seed's pixels)."""
+    viewers show. A fully opaque picture gives exactly ``image.convert("RGB")`` (the original
+    recipe's pixels)."""
     rgba = image if image.mode == "RGBA" else image.convert("RGBA")
     alpha = rgba.getchannel("A")
     if alpha.getextrema()[0] == 255:
@@ -325,8 +328,8 @@ class LlavaViTPackingImageProcessor(BaseImageProcessor):
             ``ToTensor`` does.
             Floating-point inputs are taken as already in ``[0, 1]``, as ``ToTensor`` does.
         do_normalize: apply ``image_mean`` / ``image_std``.
-        resample: PIL filter for resizing (3 = bicubic, the seed's).
-        resize_mode: ``"floor"`` (the seed's: each side floored to a patch multiple),
+        resample: PIL filter for resizing (3 = bicubic, the original recipe's).
+        resize_mode: ``"floor"`` (the original recipe's: each side floored to a patch multiple),
             ``"fixed"`` (every picture resized to ``size``), or ``"budget"`` (aspect kept, sides
             rounded to patch multiples, area brought into ``[min_pixels, max_pixels]``, as
             Qwen2-VL does; see :func:`smart_resize`).
@@ -767,7 +770,8 @@ def _video_list(videos) -> list:
 
 def patchify(pixels: torch.Tensor, patch_size: int) -> torch.Tensor:
     """``(C, T, H, W)`` or ``(C, H, W)`` pixels → ``(T*h*w, C*p*p)`` packed rows: raster token order
-    (t slowest, w fastest), channel-major patch vectors, as the model and the seed expect."""
+    (t slowest, w fastest), channel-major patch vectors, as the model expects (docs/ARCHITECTURE.md,
+    "The packing contract")."""
     if pixels.dim() == 3:
         pixels = pixels[:, None]
     if pixels.dim() != 4:
@@ -791,10 +795,10 @@ def split_packed(tensor: torch.Tensor, grid_thw: torch.Tensor) -> list[torch.Ten
 
 
 def image_to_packing_input(image: ImageInput, patch_size: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
-    """The seed's helper: one image → ``hidden_states (h*w, 3*p*p)``, ``grid_thw [[1, h, w]]``.
+    """One image → ``hidden_states (h*w, 3*p*p)``, ``grid_thw [[1, h, w]]``.
 
-    Same numbers as the seed's recipe (sides floored to patch multiples with PIL bicubic,
-    ``ToTensor``, CLIP ``Normalize``, ``(h, w, C, p, p)`` patches).
+    Same numbers as the original implementation's recipe (sides floored to patch multiples with PIL
+    bicubic, ``ToTensor``, CLIP ``Normalize``, ``(h, w, C, p, p)`` patches; docs/PROCESSING.md).
     """
     sample = LlavaViTPackingImageProcessor(patch_size=patch_size).preprocess_image(image)
     return sample.hidden_states, torch.tensor([sample.grid_thw], dtype=torch.long)
@@ -803,7 +807,7 @@ def image_to_packing_input(image: ImageInput, patch_size: int = 16) -> tuple[tor
 def batch_images_to_packing_input(
     images: Sequence[ImageInput], patch_size: int = 16
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The seed's helper: images of any sizes → packed ``hidden_states`` and ``grid_thw (N, 3)``."""
+    """Images of any sizes → packed ``hidden_states`` and ``grid_thw (N, 3)``."""
     inputs = LlavaViTPackingImageProcessor(patch_size=patch_size)(images=list(images))
     return inputs["hidden_states"], inputs["grid_thw"]
 
@@ -813,7 +817,8 @@ def video_to_packing_input(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The video counterpart: a video file, frame array or frame list → ``hidden_states``,
     ``grid_thw [[T, h, w]]`` and ``patch_positions`` with t in the ``temporal_context``-frame
-    context (8 frames → 0, 9, ..., 63), as the seed's video examples build them."""
+    context (8 frames → 0, 9, ..., 63), as docs/ARCHITECTURE.md ("Videos: the 64-frame temporal
+    context") describes."""
     processor = LlavaViTPackingImageProcessor(
         patch_size=patch_size, num_frames=num_frames, temporal_context=temporal_context
     )

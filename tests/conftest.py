@@ -26,7 +26,8 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def media_dir() -> Path:
     if not MEDIA_DIR.is_dir():
-        pytest.skip(f"bundled media not found at {MEDIA_DIR} (../shared exists only on project machines)")
+        pytest.skip(f"the project's own photos and clips are not here ({MEDIA_DIR} is missing; it exists only "
+                    "on project machines, or set LLAVA_VIT_SHARED to a folder that holds media/)")
     return MEDIA_DIR
 
 

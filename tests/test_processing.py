@@ -1,10 +1,16 @@
-"""The processor: bit-exact with the seed's recipe, every input kind and mode, resize policies,
-save/load, video sampling and positions, and packed encodes equal to per-input encodes."""
+"""The processor: bit-exact with the original implementation's recipe (a torchvision reference,
+below), every input kind and mode, resize policies, save/load, video sampling and positions, and
+packed encodes equal to per-input encodes.
+
+Photos and clips are made here (matplotlib's sample photo, an RGBA PNG and H.264 clips written with
+PyAV), so every test runs in a bare clone; the project's own media in ``../shared/media`` is checked
+the same way where it exists."""
 
 from __future__ import annotations
 
 import io
 import json
+from pathlib import Path
 
 import av
 import numpy as np
@@ -13,6 +19,7 @@ import torch
 import torchvision.transforms as T
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from matplotlib.cbook import get_sample_data
 from PIL import Image
 from transformers import AutoImageProcessor
 
@@ -29,13 +36,17 @@ from llava_vit.demo import write_video
 from llava_vit.processing import read_video, sample_frame_indices, smart_resize
 from llava_vit.processing.video import _decode_frames
 
-PHOTOS = ("photo_2048x1365.jpg", "photo_rgba_1189x790.png")
-CLIPS = {"clip_1.mp4": (64, 256, 256), "clip_2.mp4": (20, 240, 428)}  # frames, height, width
+PROJECT_PHOTOS = ("photo_2048x1365.jpg", "photo_rgba_1189x790.png")  # in ../shared/media
+PROJECT_CLIPS = {"clip_1.mp4": (64, 256, 256), "clip_2.mp4": (20, 240, 428)}  # frames, height, width
+MADE_PHOTOS = ("grace_hopper.jpg", "opaque_rgba_397x301.png")  # made by the made_media fixture
+MADE_CLIPS = {"moving_64f.mp4": (64, 64, 96), "moving_20f.mp4": (20, 40, 92)}  # frames, height, width
 TINY = dict(hidden_size=64, num_attention_heads=2, intermediate_size=128, num_hidden_layers=2, patch_size=14)
 
 
-def seed_image_to_packing_input(image: Image.Image, patch_size: int = 16):
-    """The seed document's ``image_to_packing_input``, verbatim in substance: the reference."""
+def reference_image_to_packing_input(image: Image.Image, patch_size: int = 16):
+    """The original implementation's ``image_to_packing_input``: each side floored to a patch
+    multiple with PIL bicubic, torchvision ``ToTensor`` + CLIP ``Normalize``, ``(h, w, C, p, p)``
+    patches. The reference every bit-exactness check compares with."""
     w, h = image.size
     new_h = (h // patch_size) * patch_size
     new_w = (w // patch_size) * patch_size
@@ -53,8 +64,8 @@ def seed_image_to_packing_input(image: Image.Image, patch_size: int = 16):
     return hidden_states, torch.tensor([[1, h_patches, w_patches]], dtype=torch.long)
 
 
-def assert_same_as_seed(ours, reference_image: Image.Image, patch_size: int = 16):
-    hidden_states, grid_thw = seed_image_to_packing_input(reference_image, patch_size)
+def assert_same_as_reference(ours, reference_image: Image.Image, patch_size: int = 16):
+    hidden_states, grid_thw = reference_image_to_packing_input(reference_image, patch_size)
     assert torch.equal(ours[1], grid_thw)
     assert ours[0].dtype == torch.float32 and torch.equal(ours[0], hidden_states)
 
@@ -66,30 +77,72 @@ def scene(width: int = 60, height: int = 44) -> Image.Image:
     return Image.fromarray(pixels)
 
 
-# --- images: the seed's recipe, bit for bit ---------------------------------------------------------
+# --- images: the original recipe, bit for bit -------------------------------------------------------
 
-@pytest.mark.parametrize("name", PHOTOS)
-@pytest.mark.parametrize("patch_size", [14, 16])
-def test_bundled_photos_match_the_seed_recipe_bit_exactly(media_dir, name, patch_size):
-    path = media_dir / name
+@pytest.fixture(scope="module")
+def made_media(tmp_path_factory) -> Path:
+    """A folder of media made here: matplotlib's sample photo (a real photograph, as a JPEG file), a
+    fully opaque RGBA PNG cut from it at sides no patch divides, and two H.264 clips (MPEG-4 part 2
+    where PyAV has no H.264 encoder) of a moving scene."""
+    folder = tmp_path_factory.mktemp("media")
+    photo = Path(get_sample_data("grace_hopper.jpg", asfileobj=False))
+    (folder / "grace_hopper.jpg").write_bytes(photo.read_bytes())
+    with Image.open(photo) as opened:
+        rgba = opened.convert("RGBA").crop((40, 60, 437, 361))
+    rgba.save(folder / "opaque_rgba_397x301.png")
+    for name, (frames, height, width) in MADE_CLIPS.items():
+        write_video(folder / name, _moving_frames(frames, height, width))
+    return folder
+
+
+def _moving_frames(count: int, height: int, width: int) -> list[np.ndarray]:
+    """A scene sliding one pixel per frame, with a corner block whose gray level counts the frames:
+    no two frames alike, so a wrong frame index shows."""
+    base = np.asarray(scene(width, height))
+    frames = []
+    for i in range(count):
+        frame = np.roll(base, i, axis=1).copy()
+        frame[:8, :8] = 4 * i
+        frames.append(frame)
+    return frames
+
+
+def _check_photo_against_the_reference(path: Path, patch_size: int) -> None:
     with Image.open(path) as opened:
         raw = opened.copy()
     reference = raw.convert("RGB")
-    assert_same_as_seed(image_to_packing_input(path, patch_size), reference, patch_size)
-    assert_same_as_seed(image_to_packing_input(raw, patch_size), reference, patch_size)  # RGBA given as is
+    assert_same_as_reference(image_to_packing_input(path, patch_size), reference, patch_size)
+    assert_same_as_reference(image_to_packing_input(raw, patch_size), reference, patch_size)  # as opened (RGBA too)
     array = np.asarray(reference)
-    assert_same_as_seed(image_to_packing_input(array, patch_size), reference, patch_size)
-    assert_same_as_seed(image_to_packing_input(torch.from_numpy(array.copy()).permute(2, 0, 1), patch_size),
-                        reference, patch_size)
+    assert_same_as_reference(image_to_packing_input(array, patch_size), reference, patch_size)
+    chw = torch.from_numpy(array.copy()).permute(2, 0, 1)
+    assert_same_as_reference(image_to_packing_input(chw, patch_size), reference, patch_size)
 
 
-def test_batch_helper_matches_the_seed_example():
+@pytest.mark.parametrize("name", MADE_PHOTOS)
+@pytest.mark.parametrize("patch_size", [14, 16])
+def test_photos_match_the_original_recipe_bit_exactly(made_media, name, patch_size):
+    with Image.open(made_media / name) as opened:
+        assert (opened.format, opened.mode) == {"grace_hopper.jpg": ("JPEG", "RGB"),
+                                                "opaque_rgba_397x301.png": ("PNG", "RGBA")}[name]
+        width, height = opened.size
+    assert width % patch_size or height % patch_size  # the floor resize has work to do
+    _check_photo_against_the_reference(made_media / name, patch_size)
+
+
+@pytest.mark.parametrize("name", PROJECT_PHOTOS)
+@pytest.mark.parametrize("patch_size", [14, 16])
+def test_project_photos_match_the_original_recipe_bit_exactly(media_dir, name, patch_size):
+    _check_photo_against_the_reference(media_dir / name, patch_size)
+
+
+def test_batch_helper_matches_the_original_example():
     images = [Image.new("RGB", (224, 224), "red"), Image.new("RGB", (224, 224), "blue"),
               Image.new("RGB", (448, 448), "green")]
     hidden_states, grid_thw = batch_images_to_packing_input(images, patch_size=16)
     assert hidden_states.shape == (1176, 768)
     assert grid_thw.tolist() == [[1, 14, 14], [1, 14, 14], [1, 28, 28]]
-    reference = [seed_image_to_packing_input(image)[0] for image in images]
+    reference = [reference_image_to_packing_input(image)[0] for image in images]
     assert torch.equal(hidden_states, torch.cat(reference))
 
 
@@ -105,7 +158,7 @@ def _exif_rotated_png(image: Image.Image, orientation: int) -> bytes:
 def test_every_8_bit_pil_mode_is_converted_like_pil_convert_rgb(mode):
     # opaque alpha changes nothing; translucent pixels and 16-bit modes: tests/test_media_fidelity.py
     image = scene().convert(mode)
-    assert_same_as_seed(image_to_packing_input(image, 16), image.convert("RGB"))
+    assert_same_as_reference(image_to_packing_input(image, 16), image.convert("RGB"))
 
 
 def test_cmyk_jpeg_and_palette_png_files(tmp_path):
@@ -117,7 +170,7 @@ def test_cmyk_jpeg_and_palette_png_files(tmp_path):
             # palette index 0 is transparent: shown on the white default background, others as they are
             white = Image.new("RGBA", opened.size, (255, 255, 255, 255))
             reference = Image.alpha_composite(white, opened.convert("RGBA")).convert("RGB")
-        assert_same_as_seed(image_to_packing_input(tmp_path / name), reference)
+        assert_same_as_reference(image_to_packing_input(tmp_path / name), reference)
 
 
 @pytest.mark.parametrize("orientation, stored_as", [(3, Image.Transpose.ROTATE_180), (6, Image.Transpose.ROTATE_90),
@@ -129,15 +182,15 @@ def test_exif_orientation_is_applied(tmp_path, orientation, stored_as):
     path.write_bytes(_exif_rotated_png(stored, orientation))
     hidden_states, grid_thw = image_to_packing_input(path, 12)
     assert grid_thw.tolist() == [[1, 3, 5]]  # upright: 36 x 60 pixels
-    assert_same_as_seed((hidden_states, grid_thw), upright, 12)
+    assert_same_as_reference((hidden_states, grid_thw), upright, 12)
     with Image.open(path) as opened:  # the same for an already opened image
-        assert_same_as_seed(image_to_packing_input(opened, 12), upright, 12)
+        assert_same_as_reference(image_to_packing_input(opened, 12), upright, 12)
 
 
 def test_gray_and_float_arrays():
     image = scene()
     gray = np.asarray(image.convert("L"))
-    assert_same_as_seed(image_to_packing_input(gray, 16), Image.fromarray(gray).convert("RGB"))
+    assert_same_as_reference(image_to_packing_input(gray, 16), Image.fromarray(gray).convert("RGB"))
     # float pixels in [0, 1] give what the 8-bit ones give (no resize needed at 48 x 64)
     pixels = np.array(image.resize((64, 48)))
     as_float = torch.from_numpy(pixels).permute(2, 0, 1).float() / 255
@@ -248,11 +301,8 @@ def _full_decode(path) -> list[np.ndarray]:
         return [frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)]
 
 
-@pytest.mark.parametrize("name", CLIPS)
-@pytest.mark.parametrize("num_frames", [8, 4])
-def test_bundled_clips_decode_the_requested_frames(media_dir, name, num_frames):
-    total, height, width = CLIPS[name]
-    path = media_dir / name
+def _check_clip_decodes_the_requested_frames(path: Path, total: int, height: int, width: int,
+                                             num_frames: int) -> None:
     clip = read_video(path, num_frames)
     assert clip.total_frames == total and clip.frames.shape == (num_frames, height, width, 3)
     assert list(clip.frame_indices) == sample_frame_indices(total, num_frames)
@@ -266,8 +316,22 @@ def test_bundled_clips_decode_the_requested_frames(media_dir, name, num_frames):
     slots = {8: [0, 9, 18, 27, 36, 45, 54, 63], 4: [0, 21, 42, 63]}[num_frames]
     assert positions[:, 0].reshape(num_frames, h * w).unique(dim=1).flatten().tolist() == slots
     assert torch.equal(positions[: h * w, 1:], positions[-h * w:, 1:])
-    frame_zero = seed_image_to_packing_input(Image.fromarray(every_frame[0]))[0]
+    frame_zero = reference_image_to_packing_input(Image.fromarray(every_frame[0]))[0]
     assert torch.equal(hidden_states[: h * w], frame_zero)  # each frame is preprocessed like an image
+
+
+@pytest.mark.parametrize("name", MADE_CLIPS)
+@pytest.mark.parametrize("num_frames", [8, 4])
+def test_clips_decode_the_requested_frames(made_media, name, num_frames):
+    every_frame = _full_decode(made_media / name)
+    assert len({frame.tobytes() for frame in every_frame}) == len(every_frame)  # a wrong index would show
+    _check_clip_decodes_the_requested_frames(made_media / name, *MADE_CLIPS[name], num_frames)
+
+
+@pytest.mark.parametrize("name", PROJECT_CLIPS)
+@pytest.mark.parametrize("num_frames", [8, 4])
+def test_project_clips_decode_the_requested_frames(media_dir, name, num_frames):
+    _check_clip_decodes_the_requested_frames(media_dir / name, *PROJECT_CLIPS[name], num_frames)
 
 
 def _numbered_frames(count: int) -> list[np.ndarray]:

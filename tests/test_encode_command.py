@@ -27,8 +27,9 @@ from llava_vit import (
 from llava_vit.cli import build_parser, main
 from llava_vit.demo import write_video, zoom_pan_frames
 from llava_vit.encoding.pipeline import pack_window
+import model_pairs
 
-TINY = dict(hidden_size=64, num_attention_heads=2, intermediate_size=128, num_hidden_layers=2, patch_size=14)
+TINY = {**model_pairs.TINY, "patch_size": 14}  # the shared tiny architecture, at ViT-L's patch size
 CPU32 = ("--device", "cpu", "--dtype", "float32")
 
 

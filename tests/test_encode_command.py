@@ -185,7 +185,7 @@ def test_unreadable_inputs_are_skipped_and_listed_in_the_store(model_dir, media,
     assert all(f["error"] for f in store.failed)
 
 
-def test_kill_midway_then_resume_equals_one_run(model_dir, many, tmp_path):
+def test_kill_midway_then_resume_equals_one_run(model_dir, many, tmp_path, capsys):
     """SIGINT once the first shard is complete leaves a consistent store; --resume completes it,
     every input exactly once, features bit-equal to an uninterrupted run in float32."""
     options = ["--model", str(model_dir), "--save", "all", "--shard-size", "2", "--max-tokens", "200",
@@ -214,6 +214,7 @@ def test_kill_midway_then_resume_equals_one_run(model_dir, many, tmp_path):
         a, b = resumed[resumed.index_of(source)], reference[reference.index_of(source)]
         assert torch.equal(a["pooled"], b["pooled"]) and torch.equal(a["patch_features"], b["patch_features"])
     assert main(["encode", str(many), "--output", str(cut), "--resume", *options]) == 0  # nothing left to do
+    assert "nothing to encode: the 31 inputs are all in" in capsys.readouterr().out
     assert len(FeatureStore(cut)) == 31
 
 

@@ -58,6 +58,9 @@ WINDOW_PASSES = 8
 FIRST_WINDOW_PASSES = 2
 """A shard's first window is smaller, so the GPU starts as soon as a few inputs are read."""
 READER_NICENESS = 10
+PLANNER_STOP_SECONDS = 60.0
+"""How long a stopped run waits for the planner thread (and the readers it owns) to wind down:
+a thread still inside PyTorch when the interpreter exits aborts the process."""
 GIL_SWITCH_SECONDS = 5e-4
 """While encoding, a thread asks for the GIL back after at most this long (Python's default: 5 ms).
 Every PyTorch call releases the GIL, so the thread launching the GPU's work re-acquires it
@@ -336,6 +339,8 @@ class EncodeSummary:
             left = self.inputs - self.already_stored - self.encoded - len(self.failed)
             return (f"interrupted: {self.encoded} inputs stored in {stored} of {self.output}/ in {self.seconds:.1f} s "
                     f"({rate}); run again with --resume to encode the other {left}")
+        if self.already_stored == self.inputs:
+            return f"nothing to encode: the {self.inputs} inputs are all in {self.output}/ already"
         resumed = f", {self.already_stored} already stored" if self.already_stored else ""
         failed = f", {len(self.failed)} failed" if self.failed else ""
         processes = f" on {self.ranks} processes" if self.ranks > 1 else ""
@@ -701,9 +706,12 @@ class _Run:
             _drain(passes)
             results.put(_Done())  # the writer finishes the shard it is writing, if any, then stops
             writer.join()
+            _drain(passes)
+            planner.join(PLANNER_STOP_SECONDS)  # it stops after the input it is reading
         except BaseException:
             self.stop.set()
             _drain(passes)
+            planner.join(PLANNER_STOP_SECONDS)
             raise
         finally:
             sys.setswitchinterval(switch_interval)

@@ -22,6 +22,7 @@ from llava_vit import (
     LlavaViTPackingConfig,
     LlavaViTPackingImageProcessor,
     LlavaViTPackingModel,
+    StoreError,
     encode_files,
 )
 from llava_vit.cli import build_parser, main
@@ -342,3 +343,22 @@ def test_codec_sampled_videos_keep_their_patches_in_the_store(model_dir, media, 
     assert encode(clip, "--model", model_dir, "--output", tmp_path / "o2", "--video-sampling", "codec",
                   "--patch-budget", "500", "--max-tokens", "100") == 2
     assert "--patch-budget 500 is more than --max-tokens 100" in capsys.readouterr().err
+
+
+def test_reader_reads_a_large_store_quickly_and_names_a_damaged_shard(model_dir, many, tmp_path):
+    out = tmp_path / "out"
+    encode_files(many, model=model_dir, output=out, shard_size=3, device="cpu", dtype="float32",
+                 progress=False, log=lambda *a: None)
+    store = FeatureStore(out)
+    sources = store.sources
+    assert [store.index_of(s) for s in sources] == list(range(31))
+    assert [item["source"] for item in store] == sources and store[-1]["source"] == sources[-1]
+    with pytest.raises(IndexError, match="out of range for a store of 31 inputs"):
+        store[31]
+    with pytest.raises(KeyError, match="is not in the store"):
+        store.index_of(tmp_path / "other.jpg")
+    shard = sorted(out.glob("run001-*.safetensors"))[4]
+    shard.write_bytes(shard.read_bytes()[:100])  # a shard cut short outside llava-vit
+    with pytest.raises(StoreError, match=f"{shard.name} is listed in the store's index but cannot be read"):
+        FeatureStore(out)
+    assert encode(many, "--model", model_dir, "--output", out, "--resume", *CPU32) == 2  # one line, no traceback

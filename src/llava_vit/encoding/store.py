@@ -30,6 +30,8 @@ index is replaced; a store interrupted at any point is a consistent store of com
 
 from __future__ import annotations
 
+import bisect
+import collections
 import hashlib
 import json
 import math
@@ -244,6 +246,13 @@ def _shard_tensors(inputs: Sequence[EncodedInput], relative) -> tuple[dict[str, 
     return tensors, metadata
 
 
+_PER_INPUT = frozenset({"grid_thw", "original_size", "total_frames", "is_video", "frame_indices", "frame_offsets",
+                        "patch_offsets", "kept_offsets", "sampled_grid_thw"})
+"""A shard's small tensors (a few integers per input), read whole when the shard is first opened."""
+_OPEN_SHARDS = 4
+"""Shards a reader keeps open (memory-mapped) at once."""
+
+
 @dataclass(frozen=True)
 class _Shard:
     file: Path
@@ -277,18 +286,28 @@ class FeatureStore:
         self._starts = [0]
         for shard in self._shards:
             self._starts.append(self._starts[-1] + len(shard.sources))
+        self._open_shards: collections.OrderedDict[int, tuple] = collections.OrderedDict()
+        self._positions: dict[str, int] | None = None
 
     def _indexes(self) -> Iterator[dict]:
         for path in sorted(self.folder.iterdir(), key=lambda p: p.name):
             if _INDEX.match(path.name):
                 yield json.loads(path.read_text())
 
-    def _open_shard(self, path: Path) -> _Shard:
-        with safe_open(str(path), framework="pt") as f:
-            metadata = f.metadata() or {}
+    @staticmethod
+    def _open_shard(path: Path) -> _Shard:
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                metadata = f.metadata() or {}
+            sources = json.loads(metadata["sources"])
+        except Exception as error:  # noqa: BLE001 - any unreadable shard gets the same clear message
+            raise StoreError(
+                f"{path} is listed in the store's index but cannot be read ({type(error).__name__}: {error}); "
+                f"the store was damaged outside llava-vit (a shard is only listed once complete)"
+            ) from error
         return _Shard(
             file=path,
-            sources=tuple(json.loads(metadata["sources"])),
+            sources=tuple(sources),
             warnings={int(k): v for k, v in json.loads(metadata.get("warnings", "{}")).items()},
             pictures={int(k): v for k, v in json.loads(metadata.get("pictures", "{}")).items()},
         )
@@ -305,44 +324,56 @@ class FeatureStore:
     def save(self) -> str:
         return self.settings["save"]
 
-    def _locate(self, i: int) -> tuple[_Shard, int]:
+    def _locate(self, i: int) -> tuple[int, int]:
         if not isinstance(i, int) or isinstance(i, bool):
             raise TypeError(f"a store is indexed by an int, got {type(i).__name__}")
         n = len(self)
         if not -n <= i < n:
             raise IndexError(f"input {i} is out of range for a store of {n} inputs")
         i %= n
-        shard = next(s for s in range(len(self._shards)) if self._starts[s + 1] > i)
-        return self._shards[shard], i - self._starts[shard]
+        shard = bisect.bisect_right(self._starts, i) - 1
+        return shard, i - self._starts[shard]
+
+    def _open(self, shard: int) -> tuple[safe_open, dict[str, torch.Tensor]]:
+        """The open (memory-mapped) shard and its small per-input tensors, kept for the last few shards."""
+        if shard not in self._open_shards:
+            handle = safe_open(str(self._shards[shard].file), framework="pt")
+            small = {key: handle.get_tensor(key) for key in handle.keys() if key in _PER_INPUT}
+            self._open_shards[shard] = (handle, small)
+            if len(self._open_shards) > _OPEN_SHARDS:
+                self._open_shards.popitem(last=False)
+        self._open_shards.move_to_end(shard)
+        return self._open_shards[shard]
 
     def __getitem__(self, i: int) -> dict:
         """Input ``i``: ``source``, ``kind``, ``grid_thw``, ``original_size`` ``(height, width)``,
         ``total_frames``, ``frame_indices``, ``warnings``, and ``pooled`` / ``patch_features`` +
-        ``patch_positions`` as the store holds them; ``picture`` when one was drawn."""
-        shard, row = self._locate(i)
-        with safe_open(str(shard.file), framework="pt") as f:
-            frames = f.get_slice("frame_offsets")[row:row + 2].tolist()
-            item = {
-                "source": str(self.root / shard.sources[row]),
-                "kind": "video" if int(f.get_slice("is_video")[row:row + 1][0]) else "image",
-                "grid_thw": tuple(f.get_slice("grid_thw")[row:row + 1][0].tolist()),
-                "original_size": tuple(f.get_slice("original_size")[row:row + 1][0].tolist()),
-                "total_frames": int(f.get_slice("total_frames")[row:row + 1][0]),
-                "frame_indices": f.get_slice("frame_indices")[frames[0]:frames[1]].tolist(),
-                "warnings": shard.warnings.get(row, []),
-            }
-            keys = set(f.keys())
-            if "kept_indices" in keys:
-                start, end = f.get_slice("kept_offsets")[row:row + 2].tolist()
-                if end > start:
-                    item["kept_indices"] = f.get_slice("kept_indices")[start:end]
-                    item["sampled_grid_thw"] = tuple(f.get_slice("sampled_grid_thw")[row:row + 1][0].tolist())
-            if "pooled" in keys:
-                item["pooled"] = f.get_slice("pooled")[row:row + 1][0]
-            if "patch_features" in keys:
-                start, end = f.get_slice("patch_offsets")[row:row + 2].tolist()
-                item["patch_features"] = f.get_slice("patch_features")[start:end]
-                item["patch_positions"] = f.get_slice("patch_positions")[start:end]
+        ``patch_positions`` as the store holds them; ``kept_indices`` and ``sampled_grid_thw`` for
+        codec-sampled videos; ``picture`` when one was drawn."""
+        s, row = self._locate(i)
+        shard = self._shards[s]
+        f, small = self._open(s)
+        frames = small["frame_offsets"][row:row + 2].tolist()
+        item = {
+            "source": str(self.root / shard.sources[row]),
+            "kind": "video" if int(small["is_video"][row]) else "image",
+            "grid_thw": tuple(small["grid_thw"][row].tolist()),
+            "original_size": tuple(small["original_size"][row].tolist()),
+            "total_frames": int(small["total_frames"][row]),
+            "frame_indices": small["frame_indices"][frames[0]:frames[1]].tolist(),
+            "warnings": shard.warnings.get(row, []),
+        }
+        if "kept_offsets" in small:
+            start, end = small["kept_offsets"][row:row + 2].tolist()
+            if end > start:
+                item["kept_indices"] = f.get_slice("kept_indices")[start:end]
+                item["sampled_grid_thw"] = tuple(small["sampled_grid_thw"][row].tolist())
+        if self.save != "patches":
+            item["pooled"] = f.get_slice("pooled")[row:row + 1][0]
+        if "patch_offsets" in small:
+            start, end = small["patch_offsets"][row:row + 2].tolist()
+            item["patch_features"] = f.get_slice("patch_features")[start:end]
+            item["patch_positions"] = f.get_slice("patch_positions")[start:end]
         if row in shard.pictures:
             item["picture"] = str(self.folder / PICTURES / shard.pictures[row])
         return item
@@ -358,18 +389,20 @@ class FeatureStore:
         parts = []
         for shard in self._shards:
             with safe_open(str(shard.file), framework="pt") as f:
-                parts.append(f.get_tensor("pooled"))
+                parts.append(f.get_tensor("pooled"))  # one read per shard; patch features stay on disk
         if not parts:
             return torch.empty(0, self.settings["hidden_size"], dtype=SAVE_DTYPES[self.settings["save_dtype"]])
         return torch.cat(parts)
 
     def index_of(self, source: str | os.PathLike) -> int:
         """Store position of the input read from ``source`` (any spelling of its path)."""
+        if self._positions is None:
+            self._positions = {source: self._starts[s] + row for s, shard in enumerate(self._shards)
+                               for row, source in enumerate(shard.sources)}
         wanted = os.path.relpath(Path(source).resolve(), self.root)
-        for s, shard in enumerate(self._shards):
-            if wanted in shard.sources:
-                return self._starts[s] + shard.sources.index(wanted)
-        raise KeyError(f"{source} is not in the store {self.folder}")
+        if wanted not in self._positions:
+            raise KeyError(f"{source} is not in the store {self.folder}")
+        return self._positions[wanted]
 
     def __repr__(self) -> str:
         return (f"FeatureStore({str(self.folder)!r}: {len(self)} inputs in {len(self._shards)} shards, "
@@ -425,8 +458,8 @@ def open_store(folder: Path, settings: dict, resume: bool, rank: int | None = No
         runs.add(match["writer"].split("-")[0])
         index = json.loads(path.read_text())
         for shard in index["shards"]:
-            with safe_open(str(folder / shard["file"]), framework="pt") as f:
-                accounted.update(os.path.normpath(root / s) for s in json.loads(f.metadata()["sources"]))
+            sources = FeatureStore._open_shard(folder / shard["file"]).sources
+            accounted.update(os.path.normpath(root / s) for s in sources)
         accounted.update(f["source"] for f in index["failed"])
     run = f"run{len(runs) + 1:03d}"
     for stale in folder.glob(".run*.tmp"):

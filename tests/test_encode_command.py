@@ -3,7 +3,6 @@ store, packing, bad inputs, unsafe outputs, budgets, resume, and the bundled med
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import stat

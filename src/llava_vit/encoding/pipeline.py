@@ -43,7 +43,7 @@ from ..processing import VIDEO_EXTENSIONS, LlavaViTPackingImageProcessor, Packed
 from ..validation import check_positive_int, resolve_device
 from . import distributed
 from . import store as feature_store
-from .store import SAVE_DTYPES, SAVE_MODES, EncodedInput, StoreError, StoreWriter
+from .store import SAVE_DTYPES, SAVE_MODES, EncodedInput, StoreWriter
 from .visualize import feature_picture
 from ..processing.codec import draw_kept_patches
 
@@ -394,12 +394,9 @@ def encode_files(
     specs = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
     if not specs:
         raise EncodeError("no inputs given: pass image/video files, folders or glob patterns")
-    if save not in SAVE_MODES:
-        raise EncodeError(f"--save must be one of {', '.join(SAVE_MODES)}, got {save!r}")
-    if save_dtype is not None and save_dtype not in SAVE_DTYPES:
-        raise EncodeError(f"--save-dtype must be one of {', '.join(SAVE_DTYPES)}, got {save_dtype!r}")
-    if dtype is not None and dtype not in SAVE_DTYPES:
-        raise EncodeError(f"--dtype must be one of {', '.join(SAVE_DTYPES)}, got {dtype!r}")
+    check_choice("--save", save, SAVE_MODES)
+    check_choice("--save-dtype", save_dtype, SAVE_DTYPES, optional=True)
+    check_choice("--dtype", dtype, SAVE_DTYPES, optional=True)
     max_tokens = _positive("--max-tokens", max_tokens)
     auto_shard_size = shard_size is None
     shard_size = DEFAULT_SHARD_SIZE[save] if shard_size is None else _positive("--shard-size", shard_size)
@@ -419,7 +416,7 @@ def encode_files(
     workers = min(16, max(1, cores - 2)) if workers is None else workers
     if not isinstance(workers, int) or workers < 0:
         raise EncodeError(f"--workers must be a non-negative integer, got {workers!r}")
-    model_dtype = SAVE_DTYPES[dtype] if dtype else (torch.bfloat16 if run_device.type == "cuda" else torch.float32)
+    model_dtype = model_dtype_for(dtype, run_device)
     save_dtype = save_dtype or str(model_dtype).removeprefix("torch.")
 
     files, failures = collect_inputs(specs)
@@ -479,6 +476,19 @@ def _quiet(*args, **kwargs) -> None:
     """The log of a torchrun rank other than 0."""
 
 
+def check_choice(flag: str, value, choices, optional: bool = False) -> None:
+    """``value`` must be one of ``choices`` (or ``None`` when ``optional``)."""
+    if not (optional and value is None) and value not in choices:
+        raise EncodeError(f"{flag} must be one of {', '.join(choices)}, got {value!r}")
+
+
+def model_dtype_for(dtype: str | None, device: torch.device) -> torch.dtype:
+    """The dtype named ``dtype``, else bfloat16 on CUDA and float32 elsewhere."""
+    if dtype:
+        return SAVE_DTYPES[dtype]
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
 def _positive(flag: str, value) -> int:
     try:
         return check_positive_int(flag, value)
@@ -525,7 +535,7 @@ class _Run:
                 else:
                     window.append((i, sample))
                     window_tokens += sample.num_tokens
-                    if self.keep_patches and self.save != "pooled":
+                    if self.save != "pooled":
                         shard_bytes += sample.num_tokens * bytes_per_token
                 shard_full = len(shard) == self.shard_size or shard_bytes >= SHARD_FEATURE_BYTES
                 passes_ahead = FIRST_WINDOW_PASSES if first_window else WINDOW_PASSES
@@ -547,18 +557,12 @@ class _Run:
     def _queue_window(self, window: list[tuple[int, PackedSample]], passes: queue.Queue) -> None:
         for group in pack_window([s.num_tokens for _, s in window], self.max_tokens):
             items = sorted((window[g] for g in group), key=lambda item: item[0])
-            samples = [s for _, s in items]
-            pin = self.cuda
-            hidden = torch.empty((sum(s.num_tokens for s in samples), samples[0].hidden_states.shape[1]),
-                                 dtype=samples[0].hidden_states.dtype, pin_memory=pin)
-            torch.cat([s.hidden_states for s in samples], out=hidden)
-            positions = torch.empty((hidden.shape[0], 3), dtype=samples[0].patch_positions.dtype, pin_memory=pin)
-            torch.cat([s.patch_positions for s in samples], out=positions)
-            grid = torch.tensor([s.grid_thw for s in samples], dtype=torch.long)
-            tokens = [s.num_tokens for s in samples]
+            inputs = self.encoder.processor.pack([s for _, s in items], pin_memory=self.cuda)
+            tokens = [s.num_tokens for _, s in items]
             if not self.visualize:  # the pixels are only needed again for pictures
                 items = [(i, replace(s, hidden_states=s.hidden_states[:0])) for i, s in items]
-            if not self._put(passes, _Pass(items, tokens, hidden, grid, positions)):
+            job = _Pass(items, tokens, inputs["hidden_states"], inputs["grid_thw"], inputs["patch_positions"])
+            if not self._put(passes, job):
                 return
 
     def _put(self, q: queue.Queue, item, force: bool = False) -> bool:

@@ -38,7 +38,7 @@ from PIL import Image, UnidentifiedImageError
 from ..processing import PackedSample
 from ..processing.video import ANIMATED_IMAGE_FORMATS
 from ..validation import resolve_device
-from .pipeline import EncodeError, check_model_name, load_encoder, load_processor, pack_window
+from .pipeline import check_choice, check_model_name, load_encoder, load_processor, model_dtype_for, pack_window
 from .store import SAVE_DTYPES, SAVE_MODES
 
 
@@ -66,18 +66,15 @@ class BatchEncoder:
                  frames: int | None = None, resize_mode: str | None = None, size: int | None = None,
                  min_pixels: int | None = None, max_pixels: int | None = None, device: str | None = None,
                  dtype: str | None = None, threads: int = 4, bytes_column: str = "bytes", path_column: str = "path"):
-        if save not in SAVE_MODES:
-            raise EncodeError(f"save must be one of {', '.join(SAVE_MODES)}, got {save!r}")
-        if dtype is not None and dtype not in SAVE_DTYPES:
-            raise EncodeError(f"dtype must be one of {', '.join(SAVE_DTYPES)}, got {dtype!r}")
+        check_choice("save", save, SAVE_MODES)
+        check_choice("dtype", dtype, SAVE_DTYPES, optional=True)
         check_model_name(model)
         processor = load_processor(model, num_frames=frames, resize_mode=resize_mode, size=size,
                                    min_pixels=min_pixels, max_pixels=max_pixels, max_tokens=max_tokens)
         run_device = resolve_device(device)
-        model_dtype = SAVE_DTYPES[dtype] if dtype else (torch.bfloat16 if run_device.type == "cuda" else torch.float32)
-        self.encoder, self.model_sha256 = load_encoder(model, processor, run_device, model_dtype)
+        self.encoder, self.model_sha256 = load_encoder(model, processor, run_device, model_dtype_for(dtype, run_device))
         self.device, self.save, self.max_tokens = run_device, save, max_tokens
-        self.num_frames = processor.num_frames if frames is None else frames
+        self.num_frames = frames  # None: the processor's own count (it already holds an override)
         self.bytes_column, self.path_column = bytes_column, path_column
         self.readers = ThreadPoolExecutor(threads)
 

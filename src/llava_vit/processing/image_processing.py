@@ -695,15 +695,24 @@ class LlavaViTPackingImageProcessor(BaseImageProcessor):
         return size
 
     @staticmethod
-    def pack(samples: Sequence[PackedSample]) -> BatchFeature:
-        """Concatenate samples into one packed batch (``hidden_states``, ``grid_thw``, ``patch_positions``)."""
+    def pack(samples: Sequence[PackedSample], pin_memory: bool = False) -> BatchFeature:
+        """Concatenate samples into one packed batch (``hidden_states``, ``grid_thw``, ``patch_positions``).
+
+        ``pin_memory`` concatenates the per-token tensors straight into pinned host memory, so their
+        copy to a GPU can be non-blocking (``grid_thw`` stays an ordinary CPU tensor)."""
         if not samples:
             raise ValueError("nothing to pack: give at least one image or video")
+
+        def cat(tensors: list[torch.Tensor]) -> torch.Tensor:
+            out = torch.empty((sum(t.shape[0] for t in tensors), *tensors[0].shape[1:]), dtype=tensors[0].dtype,
+                              pin_memory=pin_memory)
+            return torch.cat(tensors, out=out)
+
         return BatchFeature(
             {
-                "hidden_states": torch.cat([s.hidden_states for s in samples]),
+                "hidden_states": cat([s.hidden_states for s in samples]),
                 "grid_thw": torch.tensor([s.grid_thw for s in samples], dtype=torch.long),
-                "patch_positions": torch.cat([s.patch_positions for s in samples]),
+                "patch_positions": cat([s.patch_positions for s in samples]),
             }
         )
 

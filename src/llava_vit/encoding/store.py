@@ -38,7 +38,7 @@ import math
 import os
 import re
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -137,12 +137,9 @@ class WriterIndex:
     failed: list[dict] = field(default_factory=list)
     finished: bool = False
 
-    def to_json(self) -> dict:
-        return {"writer": self.writer, "shards": self.shards, "failed": self.failed, "finished": self.finished}
-
 
 class StoreWriter:
-    """Writes one writer's shards into a store folder (which ``prepare_store`` created or checked)."""
+    """Writes one writer's shards into a store folder (which :func:`open_store` created or checked)."""
 
     def __init__(self, folder: Path, root: Path, writer: str):
         self.folder, self.root, self.index = folder, root, WriterIndex(writer)
@@ -174,7 +171,7 @@ class StoreWriter:
     def save_index(self, finished: bool = False) -> None:
         self.index.finished = finished
         path = self.folder / f"index-{self.index.writer}.json"
-        _write_json_atomically(path, self.index.to_json())
+        _write_json_atomically(path, asdict(self.index))
 
 
 def _offsets(lengths: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
@@ -428,11 +425,8 @@ def check_output_folder(folder: Path, resume: bool) -> None:
             f"--output {folder} is not empty (it holds {what}); pass --resume to add the inputs it lacks, "
             f"or choose a new folder"
         )
-    read_settings(folder) or _not_a_store(folder)
-
-
-def _not_a_store(folder: Path):
-    raise StoreError(f"--resume: {folder} is not empty but holds no feature store ({STORE_FILE} is missing)")
+    if read_settings(folder) is None:
+        raise StoreError(f"--resume: {folder} is not empty but holds no feature store ({STORE_FILE} is missing)")
 
 
 def open_store(folder: Path, settings: dict, resume: bool, rank: int | None = None) -> tuple[StoreWriter, set[str]]:

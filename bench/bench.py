@@ -57,6 +57,9 @@ PLOT_NAME = "bench.png"
 TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=256, patch_size=14)
 """The ``--smoke`` architecture (head_dim 32, the smallest the 3D RoPE allows)."""
 
+LATENCY_WORKLOADS: dict[str, list[list[int]]] = {"single_448": [[1, 448, 448]], "single_224": [[1, 224, 224]]}
+"""One image per forward: the latency of a service that encodes requests as they come."""
+
 SMOKE_WORKLOADS: dict[str, list[list[int]]] = {
     "smoke_images": [[1, 28, 42], [1, 28, 42], [1, 56, 28]],
     "smoke_mixed": [[1, 42, 28], [2, 28, 28], [2, 28, 28], [1, 28, 28]],
@@ -301,11 +304,10 @@ def bench_workload(
     flops = count_flops(lengths, config)
     result: dict = {
         "samples": len(samples), "tokens": tokens, "distinct_shapes": len(shape_groups(grids)),
-        "attn_backend": resolve_attn_implementation(config._attn_implementation, device, dtype, tuple(lengths)),
         "gflop": flops["total"] / 1e9, "gflop_breakdown": {k: v / 1e9 for k, v in flops.items() if k != "total"},
     }
     line = (f"[{name}] {len(samples)} samples, {result['distinct_shapes']} shapes, {tokens} tokens, "
-            f"attention {result['attn_backend']}, {result['gflop']:.1f} GFLOP")
+            f"{result['gflop']:.1f} GFLOP")
     if anchor is not None:
         result["anchor_gflop"] = anchor["gflop"]
         result["gflop_vs_anchor"] = result["gflop"] / anchor["gflop"] - 1
@@ -316,7 +318,9 @@ def bench_workload(
     pack = make_pack(samples, config.num_channels, patch, dtype, device)
     free_memory(device)
     timed = dict(args=args, device=device, flops=flops["total"], tokens=tokens, matmul_flops_per_s=matmul_flops_per_s)
-    result["packed"] = time_model("packed", lambda: packed_fn(pack, grid_thw), **timed)
+    result["packed"] = time_model("packed", lambda pack=pack: packed_fn(pack, grid_thw), **timed)
+    result["attn_backend"] = resolve_attn_implementation(config._attn_implementation, device, dtype, tuple(lengths))
+    log(f"  attention backend of the timed forwards: {result['attn_backend']}")
     if source is None:
         return result
     check = "error" not in result["packed"]
@@ -354,6 +358,25 @@ def bench_workload(
     return result
 
 
+def bench_cuda_graph(samples: list[list[int]], model: LlavaViTPackingModel, args: argparse.Namespace,
+                     device: torch.device, dtype: torch.dtype, matmul_flops_per_s: float) -> dict:
+    """The packed model's forward on one fixed-size pack, captured once and replayed as a CUDA graph."""
+    from llava_vit.model.cuda_graphs import CUDAGraphEncoder
+
+    config = model.config
+    grids = patch_grid(samples, config.patch_size)
+    lengths = [t * h * w for t, h, w in grids]
+    grid_thw = torch.tensor(grids, dtype=torch.int64)
+    pack = make_pack(samples, config.num_channels, config.patch_size, dtype, device)
+    graph = CUDAGraphEncoder(model, grid_thw)
+    eager = model(pack, grid_thw).pooler_output.float()
+    replayed = graph(pack).pooler_output.float()
+    result = time_model("graph", lambda: graph(pack), args, device, count_flops(lengths, config)["total"],
+                        sum(lengths), matmul_flops_per_s)
+    result["pooled_cosine_vs_eager"] = float(torch.nn.functional.cosine_similarity(eager, replayed, dim=-1).min())
+    return result
+
+
 def time_model(label: str, fn: Callable[[], object], args: argparse.Namespace, device: torch.device, flops: int,
                tokens: int, matmul_flops_per_s: float) -> dict:
     """:func:`time_fn` of one model's forward(s), summarized and printed; ``{"error": ...}`` when out of memory."""
@@ -372,6 +395,52 @@ def time_model(label: str, fn: Callable[[], object], args: argparse.Namespace, d
 
 def _gib(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.2f} GiB"
+
+
+# ---- training step ----------------------------------------------------------------------------------
+
+
+TRAIN_DEFINITION = (
+    "one step = forward + backward of mean(last_hidden_state^2) + mean(pooled^2) in the model's dtype, "
+    "gradients set to None between steps, no optimizer; MFU counts 3x the forward FLOPs (recomputation "
+    "under gradient checkpointing is not counted as useful work); peak = max_memory_allocated"
+)
+
+
+def bench_training(name: str, samples: list[list[int]], model: LlavaViTPackingModel, every: list[int],
+                   args: argparse.Namespace, device: torch.device, dtype: torch.dtype,
+                   matmul_flops_per_s: float) -> dict:
+    """Training-step time and peak memory of the packed model for each checkpointing setting
+    (``0`` none, ``k`` every k-th layer through ``gradient_checkpointing_kwargs={"every_k_layers": k}``)."""
+    config = model.config
+    grids = patch_grid(samples, config.patch_size)
+    lengths = [t * h * w for t, h, w in grids]
+    flops = 3 * count_flops(lengths, config)["total"]
+    grid_thw = torch.tensor(grids, dtype=torch.int64)
+    pack = make_pack(samples, config.num_channels, config.patch_size, dtype, device)
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def step() -> None:
+        out = model(pack, grid_thw)
+        loss = out.last_hidden_state.float().square().mean() + out.pooler_output.float().square().mean()
+        loss.backward()
+        for p in params:
+            p.grad = None
+
+    rows = {}
+    model.train()
+    for k in every:
+        if k:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False, "every_k_layers": k})
+        else:
+            model.gradient_checkpointing_disable()
+        free_memory(device)
+        label = "none" if not k else ("every layer" if k == 1 else f"every {k} layers")
+        rows[label] = time_model(f"train, checkpointing {label}", step, args, device, flops, sum(lengths),
+                                 matmul_flops_per_s)
+    model.gradient_checkpointing_disable()
+    model.eval()
+    return {"tokens": sum(lengths), "gflop_step": flops / 1e9, "checkpointing": rows}
 
 
 # ---- report -----------------------------------------------------------------------------------------
@@ -396,6 +465,18 @@ def format_table(workloads: dict[str, dict]) -> str:
              for row in (header, *rows)]
     lines.insert(1, "-" * len(lines[0]))
     lines.append("* the original implementation's figures on an H100 (bench/anchor_h100.json), not this run")
+    return "\n".join(lines)
+
+
+def format_training_table(training: dict[str, dict]) -> str:
+    """Workload, checkpointing setting, step ms, MFU (3x forward FLOPs) and peak GiB."""
+    header = ("workload", "checkpointing", "step ms", "MFU", "peak GiB")
+    rows = [(name, label, _num(r.get("median_ms")), _pct(r.get("mfu")), _num(r.get("peak_gib")))
+            for name, w in training.items() for label, r in w["checkpointing"].items()]
+    widths = [max(len(row[k]) for row in (header, *rows)) for k in range(len(header))]
+    lines = ["  ".join(cell.rjust(w) if k > 1 else cell.ljust(w) for k, (cell, w) in enumerate(zip(row, widths)))
+             for row in (header, *rows)]
+    lines.insert(1, "-" * len(lines[0]))
     return "\n".join(lines)
 
 
@@ -454,6 +535,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--compile", action="store_true",
                         help="packed model through its compile_fused() path; baseline eager")
     parser.add_argument("--attn", default="auto", choices=ATTN_IMPLEMENTATIONS, help="packed attention backend")
+    parser.add_argument("--fp8", action="store_true",
+                        help="packed model with FP8 linear layers (llava_vit.model.fp8.quantize_fp8, needs torchao); baseline bf16")
+    parser.add_argument("--cuda-graphs", action="store_true",
+                        help="also time the latency workloads replayed as CUDA graphs (llava_vit.model.cuda_graphs)")
+    parser.add_argument("--train", action="store_true",
+                        help="also time a training step per batch workload (not the latency ones) for each --checkpoint-every setting")
+    parser.add_argument("--checkpoint-every", type=int, nargs="+", default=[0, 1, 2, 4],
+                        help="gradient checkpointing settings for --train: 0 none, k every k-th layer (default 0 1 2 4)")
     parser.add_argument("--smoke", action="store_true", help="tiny model and workloads on the CPU (CI check of this script)")
     args = parser.parse_args(argv)
     if args.iters < 10:
@@ -476,6 +565,7 @@ def main(argv: list[str] | None = None) -> dict:
             sys.exit("no CUDA device: this benchmark times GPU forwards (use --smoke for a CPU check of the script)")
         device, arch, matmul_n = torch.device("cuda"), dict(VARIANTS[args.variant]), 8192
         patch, workloads = load_workloads()
+        workloads = {**workloads, **LATENCY_WORKLOADS}
         anchors = json.loads(ANCHOR_FILE.read_text()) if args.variant == "large" else {}
         if arch["patch_size"] != patch:
             sys.exit(f"variant {args.variant} has patch size {arch['patch_size']}; the workloads need {patch}")
@@ -490,7 +580,8 @@ def main(argv: list[str] | None = None) -> dict:
         "environment": environment(device),
         "settings": {"variant": "tiny" if args.smoke else args.variant, "arch": arch, "dtype": args.dtype,
                      "attn_requested": args.attn, "compile": args.compile, "warmup": args.warmup,
-                     "iters": args.iters, "baseline": args.baseline, "smoke": args.smoke},
+                     "iters": args.iters, "baseline": args.baseline, "smoke": args.smoke, "fp8": args.fp8,
+                     "cuda_graphs": args.cuda_graphs, "train": args.train},
         "method": {"flop_formula": FLOP_FORMULA, "mfu": MFU_DEFINITION, "peak_memory": PEAK_DEFINITION,
                    "timing": "CUDA events around each forward under torch.inference_mode; median, min, max",
                    "baseline": "unpacked source model, same weights: one forward per distinct [t, h, w], "
@@ -498,35 +589,54 @@ def main(argv: list[str] | None = None) -> dict:
         "workloads": {},
     }
     log(f"llava-vit bench on {report['environment']['device']} | torch {torch.__version__} | "
-        f"{report['settings']['variant']} {args.dtype} | attn {args.attn} | compile {args.compile}")
+        f"{report['settings']['variant']} {args.dtype} | attn {args.attn} | compile {args.compile} | fp8 {args.fp8}")
 
     with torch.inference_mode():
         matmul_iters = max(args.iters, MATMUL_ITERS)
         report["matmul"] = matmul_rate(matmul_n, dtype, device, max(args.warmup, 10), matmul_iters)
-        matmul_flops_per_s = report["matmul"]["tflops"] * 1e12
-        log(f"matmul {matmul_n}^3 {args.dtype}: {report['matmul']['tflops']:.1f} TFLOP/s sustained "
-            f"(fastest of {matmul_iters}; the MFU denominator), median {report['matmul']['median_tflops']:.1f}; "
-            f"datasheet {report['matmul']['datasheet_tflops'] or 'unknown'}")
-        free_memory(device)
+    matmul_flops_per_s = report["matmul"]["tflops"] * 1e12
+    log(f"matmul {matmul_n}^3 {args.dtype}: {report['matmul']['tflops']:.1f} TFLOP/s sustained "
+        f"(fastest of {matmul_iters}; the MFU denominator), median {report['matmul']['median_tflops']:.1f}; "
+        f"datasheet {report['matmul']['datasheet_tflops'] or 'unknown'}")
+    free_memory(device)
 
-        packed, source = build_models(arch, args.attn, dtype, device, args.baseline)
-        config = packed.config
-        packed_fn = packed.compile_fused() if args.compile else packed
-        report["weights_gib"] = sum(p.numel() * p.element_size() for p in packed.parameters()) / 2**30
-        log(f"model: {sum(p.numel() for p in packed.parameters()) / 1e6:.1f}M parameters, "
-            f"{report['weights_gib']:.2f} GiB")
+    packed, source = build_models(arch, args.attn, dtype, device, args.baseline)  # outside inference mode: --train
+    config = packed.config
+    report["weights_gib"] = sum(p.numel() * p.element_size() for p in packed.parameters()) / 2**30
+    log(f"model: {sum(p.numel() for p in packed.parameters()) / 1e6:.1f}M parameters, "
+        f"{report['weights_gib']:.2f} GiB")
+    if args.fp8:
+        from llava_vit.model.fp8 import quantize_fp8
 
+        quantize_fp8(packed, compile=args.compile)
+    elif args.compile:
+        packed.compile_fused()
+
+    with torch.inference_mode():
         for name in names:
             anchor = anchor_entry(anchors, name)
-            result = bench_workload(name, workloads[name], packed_fn, source, config, args, device, dtype,
+            result = bench_workload(name, workloads[name], packed, source, config, args, device, dtype,
                                     matmul_flops_per_s, anchor)
             if anchor is not None:
                 result["anchor"] = anchor
+            if args.cuda_graphs and name in LATENCY_WORKLOADS:
+                result["cuda_graph"] = bench_cuda_graph(workloads[name], packed, args, device, dtype, matmul_flops_per_s)
             report["workloads"][name] = result
+            (args.out / RESULTS_NAME).write_text(json.dumps(report, indent=2))
+            free_memory(device)
+    if args.train:
+        report["method"]["training_step"] = TRAIN_DEFINITION
+        report["training"] = {}
+        for name in (n for n in names if n not in LATENCY_WORKLOADS):
+            log(f"[{name}] training step")
+            report["training"][name] = bench_training(name, workloads[name], packed, args.checkpoint_every, args,
+                                                      device, dtype, matmul_flops_per_s)
             (args.out / RESULTS_NAME).write_text(json.dumps(report, indent=2))
             free_memory(device)
 
     log("\n" + format_table(report["workloads"]))
+    if args.train:
+        log("\n" + format_training_table(report["training"]))
     log(f"results: {args.out / RESULTS_NAME}")
     try:
         from plot import plot_results

@@ -68,14 +68,9 @@ def check_grid_thw(grid_thw) -> torch.Tensor:
     return grid
 
 
-def check_packed_inputs(
-    hidden_states, grid_thw, patch_positions, patch_dim: int, device: torch.device
-) -> tuple[torch.Tensor, list[int]]:
-    """Validate the packed forward's inputs for a model on ``device``.
-
-    Every tensor must be on ``device`` or on the CPU (CPU inputs are copied over). Returns the
-    host copy of ``grid_thw`` and the per-sample token counts.
-    """
+def check_hidden_states(hidden_states, patch_dim: int, device: torch.device) -> None:
+    """``hidden_states`` must be a floating-point ``(seq_len, patch_dim)`` tensor on ``device`` or
+    on the CPU (CPU inputs are copied over)."""
     if not isinstance(hidden_states, torch.Tensor):
         raise TypeError(f"hidden_states must be a torch.Tensor of shape (seq_len, {patch_dim}), got {describe(hidden_states)}")
     if not hidden_states.dtype.is_floating_point:
@@ -86,13 +81,26 @@ def check_packed_inputs(
             f"got {tuple(hidden_states.shape)}"
         )
     _check_device("hidden_states", hidden_states, device)
+
+
+def check_pack_layout(
+    grid_thw, patch_positions, device: torch.device, seq_len: int | None = None
+) -> tuple[torch.Tensor, list[int]]:
+    """Validate ``grid_thw`` and ``patch_positions`` of a pack for a model on ``device``.
+
+    Both must be on ``device`` or on the CPU. ``seq_len``, the token count of the ``hidden_states``
+    that go with them, is checked against ``grid_thw`` before ``patch_positions`` is looked at, so a
+    wrong grid is reported as such. Returns the host copy of ``grid_thw`` and the per-sample token
+    counts.
+    """
     _check_device("grid_thw", grid_thw, device)
     grid = check_grid_thw(grid_thw)
     if len(grid) == 0:
         raise ValueError("grid_thw has shape (0, 3): the batch is empty; expected at least one [t, h, w] row")
     lengths = [t * h * w for t, h, w in grid.tolist()]
-    seq_len = hidden_states.shape[0]
-    if sum(lengths) != seq_len:
+    if seq_len is None:
+        seq_len = sum(lengths)
+    elif sum(lengths) != seq_len:
         raise ValueError(
             f"grid_thw describes sum(t*h*w) = {sum(lengths)} patches but hidden_states has seq_len = {seq_len}"
         )

@@ -7,6 +7,9 @@ that gives one vector per sample. docs/ARCHITECTURE.md states the math this foll
 
 from __future__ import annotations
 
+import numbers
+from dataclasses import dataclass
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -19,7 +22,7 @@ from .attention import PackedSeqs, check_attn_implementation, resolve_attn_imple
 from .configuration import LlavaViTPackingConfig
 from .positions import compute_patch_positions_from_grid_thw
 from .rope import RotaryTables
-from ..validation import check_packed_inputs
+from ..validation import check_hidden_states, check_pack_layout
 
 
 def make_norm(config, dim: int) -> nn.Module:
@@ -92,7 +95,8 @@ class LlavaViTPackingEncoderLayer(GradientCheckpointingLayer):
     """Pre-norm residual block: ``x + attn(norm1(x))``, then ``x + mlp(norm2(x))``.
 
     A transformers ``GradientCheckpointingLayer``: ``model.gradient_checkpointing_enable(...)``
-    recomputes it in the backward pass with the user's checkpointing options.
+    recomputes it in the backward pass with the user's checkpointing options (every layer, or every
+    k-th: :meth:`LlavaViTPackingModel.gradient_checkpointing_enable`).
     """
 
     def __init__(self, config: LlavaViTPackingConfig):
@@ -161,6 +165,29 @@ class LlavaViTPackingHead(nn.Module):
         return pooled + self.mlp(self.norm(pooled))
 
 
+@dataclass(frozen=True)
+class PreparedPack:
+    """What a forward derives from ``grid_thw`` and ``patch_positions`` alone, on the model's device.
+
+    Building it is the forward's host work (input checks, backend choice, host-to-device copies of
+    the sample lengths and positions); :meth:`LlavaViTPackingModel.encode` on it is device work
+    only, which is what a CUDA graph can capture (:mod:`llava_vit.model.cuda_graphs`).
+    """
+
+    backend: str
+    """The attention backend that runs (``"auto"`` resolved for this pack)."""
+    seqs: PackedSeqs
+    """The samples, for the encoder layers and as the keys of the pooling head."""
+    probe_seqs: PackedSeqs | None
+    """One query per sample for the pooling head; ``None`` without a head."""
+    rope: RotaryTables
+
+    @property
+    def seq_len(self) -> int:
+        """Tokens in the pack: the ``hidden_states`` rows it goes with."""
+        return sum(self.seqs.lengths)
+
+
 class LlavaViTPackingPreTrainedModel(PreTrainedModel):
     config_class = LlavaViTPackingConfig
     base_model_prefix = "llava_vit_packing"
@@ -194,6 +221,11 @@ class LlavaViTPackingModel(LlavaViTPackingPreTrainedModel):
 
     Tensors must be on the model's device or on the CPU (CPU inputs are copied over); any other
     device raises ``ValueError``. Bad inputs raise before any kernel runs (docs/RELIABILITY.md).
+
+    :meth:`forward` is :meth:`prepare` (the host work, from ``grid_thw`` and ``patch_positions``)
+    then :meth:`encode` (the device work on ``hidden_states``); a service with one fixed input
+    size can prepare once and replay the encode step as a CUDA graph
+    (:class:`~llava_vit.model.cuda_graphs.CUDAGraphEncoder`).
     """
 
     def __init__(self, config: LlavaViTPackingConfig):
@@ -215,6 +247,60 @@ class LlavaViTPackingModel(LlavaViTPackingPreTrainedModel):
             layer.compile(**options)
         return self
 
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None, **kwargs) -> None:
+        """Recompute encoder layers in the backward pass instead of keeping their activations.
+
+        The transformers method, with one key of ours in ``gradient_checkpointing_kwargs``:
+        ``"every_k_layers": k`` (a positive int, default 1) checkpoints only the layers whose index
+        is a multiple of ``k`` (``k=2``: layers 0, 2, 4, ...). A checkpointed layer frees its
+        activations after the forward and runs its forward again in the backward; the other
+        layers keep theirs and are not recomputed. So ``k`` trades memory for time: ``k=1``
+        uses the least memory, larger ``k`` recomputes ``1/k`` of the layers. The other keys
+        (``use_reentrant``, ``context_fn``, ...) go to ``torch.utils.checkpoint.checkpoint``
+        unchanged, and ``kwargs`` to the transformers method (``activation_checkpointing_enable``
+        of transformers 5 calls this method too).
+        """
+        options = dict(gradient_checkpointing_kwargs or {})
+        every_k_layers = options.pop("every_k_layers", 1)
+        if isinstance(every_k_layers, bool) or not isinstance(every_k_layers, numbers.Integral) or every_k_layers < 1:
+            raise ValueError(f"every_k_layers: expected a positive int, got {every_k_layers!r}")
+        super().gradient_checkpointing_enable(gradient_checkpointing_kwargs=options or None, **kwargs)
+        for index, layer in enumerate(self.encoder.layers):
+            if index % every_k_layers:
+                layer.gradient_checkpointing = False
+
+    def prepare(
+        self, grid_thw: torch.Tensor, patch_positions: torch.Tensor | None = None, seq_len: int | None = None
+    ) -> PreparedPack:
+        """Check ``grid_thw`` and ``patch_positions`` (as :meth:`forward` takes them) and build the
+        :class:`PreparedPack` for them on the model's device.
+
+        ``seq_len``: the row count of the ``hidden_states`` that will go with the pack, checked
+        against ``grid_thw`` first (a wrong grid is then reported as a wrong grid, not as a wrong
+        ``patch_positions`` shape).
+        """
+        config = self.config
+        weight = self.patch_embed.proj.weight
+        device, dtype = weight.device, weight.dtype
+        grid, lengths = check_pack_layout(grid_thw, patch_positions, device, seq_len)
+        backend = resolve_attn_implementation(config._attn_implementation, device, dtype, tuple(lengths))
+        if patch_positions is None:
+            patch_positions = compute_patch_positions_from_grid_thw(grid)
+        rope = RotaryTables.build(patch_positions.to(device, non_blocking=True), config.head_dim, config.rope_theta)
+        probe_seqs = PackedSeqs.from_lengths([1] * len(lengths), device) if self.head is not None else None
+        return PreparedPack(backend, PackedSeqs.from_lengths(lengths, device), probe_seqs, rope)
+
+    def encode(
+        self, hidden_states: torch.Tensor, pack: PreparedPack, output_hidden_states: bool = False
+    ) -> BaseModelOutputWithPooling:
+        """The forward's tensor computation on ``hidden_states`` ``(pack.seq_len, C*p*p)``, which the
+        caller has checked: device work only (CPU ``hidden_states`` are copied over), no host reads."""
+        x = self.layernorm_pre(self.patch_embed(hidden_states.to(self.patch_embed.proj.weight.device, non_blocking=True)))
+        x, all_states = self.encoder(x, pack.rope, pack.seqs, pack.backend, output_hidden_states)
+        x = self.layernorm_post(x)
+        pooled = None if self.head is None else self.head(x, pack.seqs, pack.probe_seqs, pack.backend)
+        return BaseModelOutputWithPooling(last_hidden_state=x, pooler_output=pooled, hidden_states=all_states)
+
     def forward(
         self,
         hidden_states: torch.Tensor,
@@ -226,23 +312,7 @@ class LlavaViTPackingModel(LlavaViTPackingPreTrainedModel):
         config = self.config
         output_hidden_states = config.output_hidden_states if output_hidden_states is None else output_hidden_states
         return_dict = config.return_dict if return_dict is None else return_dict
-        weight = self.patch_embed.proj.weight
-        device, dtype = weight.device, weight.dtype
-        grid, lengths = check_packed_inputs(hidden_states, grid_thw, patch_positions, config.patch_dim, device)
-        backend = resolve_attn_implementation(config._attn_implementation, device, dtype, tuple(lengths))
-        seqs = PackedSeqs.from_lengths(lengths, device)
-        if patch_positions is None:
-            patch_positions = compute_patch_positions_from_grid_thw(grid)
-        rope = RotaryTables.build(patch_positions.to(device, non_blocking=True), config.head_dim, config.rope_theta)
-
-        x = self.layernorm_pre(self.patch_embed(hidden_states.to(device, non_blocking=True)))
-        x, all_states = self.encoder(x, rope, seqs, backend, output_hidden_states)
-        x = self.layernorm_post(x)
-        pooled = None
-        if self.head is not None:
-            probe_seqs = PackedSeqs.from_lengths([1] * len(lengths), device)
-            pooled = self.head(x, seqs, probe_seqs, backend)
-
-        if not return_dict:
-            return tuple(v for v in (x, pooled, all_states) if v is not None)
-        return BaseModelOutputWithPooling(last_hidden_state=x, pooler_output=pooled, hidden_states=all_states)
+        check_hidden_states(hidden_states, config.patch_dim, self.patch_embed.proj.weight.device)
+        pack = self.prepare(grid_thw, patch_positions, seq_len=hidden_states.shape[0])
+        out = self.encode(hidden_states, pack, output_hidden_states)
+        return out if return_dict else out.to_tuple()

@@ -8,9 +8,16 @@ import torch.nn.functional as F
 
 from golden_cases import SET_NAMES, architecture_config, load_cases, pack, patchify, source_path
 from llava_vit import LlavaViTPackingConfig, LlavaViTPackingModel, compute_patch_positions_from_grid_thw
-from llava_vit.model.attention import torch_varlen_available
+from llava_vit.model.attention import (
+    FLASH_ATTN4_CAPABILITY_MAJORS,
+    PackedSeqs,
+    flash_attn4_available,
+    resolve_attn_implementation,
+    torch_varlen_available,
+    varlen_attention,
+)
 from llava_vit.convert.checkpoint import convert_checkpoint
-from model_pairs import TINY, source_and_packed
+from model_pairs import TINY, randomize_, source_and_packed
 
 pytestmark = pytest.mark.cuda
 TOL = 1e-4
@@ -18,6 +25,14 @@ TOL = 1e-4
 
 def report(name: str, value: float) -> None:
     print(f"[cuda figure] {name}: {value:.3e}")
+
+
+needs_flash_attn4 = pytest.mark.skipif(not flash_attn4_available(), reason="needs the flash-attn-4 package")
+needs_hopper_or_blackwell = pytest.mark.skipif(
+    flash_attn4_available() and torch.cuda.is_available()
+    and torch.cuda.get_device_capability()[0] not in FLASH_ATTN4_CAPABILITY_MAJORS,
+    reason="flash-attn-4 needs a GPU of compute capability 9.x or 10.x",
+)
 
 
 @torch.no_grad()
@@ -121,3 +136,64 @@ def test_rope_kernel_on_cuda_matches_reference():
     x_ref = qkv.float().requires_grad_()
     (apply_rope(x_ref[:, :2], cos[:, None, None], sin[:, None, None]) * grad).sum().backward()
     torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-5, atol=1e-5)
+
+
+def _min_cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    return F.cosine_similarity(a.float().flatten(1), b.float().flatten(1), dim=-1).min().item()
+
+
+@pytest.mark.parametrize("lengths_q, lengths_k", [
+    ((700, 1, 4608, 2100, 33), None),  # the encoder layers' self-attention, mixed lengths
+    ((1, 1, 1, 1, 1), (700, 1, 4608, 2100, 33)),  # the pooling head: one query per sample
+], ids=["self", "one-query-per-sample"])
+@needs_flash_attn4
+@needs_hopper_or_blackwell
+def test_flash_attention_4_kernel_matches_sdpa(lengths_q, lengths_k):
+    """Forward and backward of the flash-attn-4 call against SDPA, bf16, 16 heads of 64."""
+    lengths_k = lengths_k or lengths_q
+    heads, head_dim = 16, 64
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    q = torch.randn(sum(lengths_q), heads, head_dim, device="cuda", dtype=torch.bfloat16, generator=gen)
+    k, v = (torch.randn(sum(lengths_k), heads, head_dim, device="cuda", dtype=torch.bfloat16, generator=gen)
+            for _ in range(2))
+    seqs_q, seqs_k = (PackedSeqs.from_lengths(n, torch.device("cuda")) for n in (lengths_q, lengths_k))
+    grads = {}
+    for impl in ("flash_attention_4", "sdpa"):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        out = varlen_attention(*leaves, seqs_q, seqs_k, impl)
+        out.float().square().sum().backward()
+        grads[impl] = (out.detach(), *(t.grad for t in leaves))
+    (out, *dqkv), (ref, *ref_dqkv) = grads["flash_attention_4"], grads["sdpa"]
+    cos = _min_cosine(out, ref)
+    report(f"flash_attention_4 vs sdpa kernel bf16 out min cosine per token (queries {lengths_q})", cos)
+    assert cos >= 0.999
+    for name, a, b in zip(("dq", "dk", "dv"), dqkv, ref_dqkv):  # whole tensors: a 1-key sample's dk is 0
+        cos = F.cosine_similarity(a.float().flatten(), b.float().flatten(), dim=0).item()
+        report(f"flash_attention_4 vs sdpa kernel bf16 {name} cosine (queries {lengths_q})", cos)
+        assert cos >= 0.999, name
+
+
+@torch.no_grad()
+@needs_flash_attn4
+@needs_hopper_or_blackwell
+def test_flash_attention_4_model_matches_sdpa_on_cuda_bfloat16():
+    """A mixed pack (mean length >= 512, so ``auto`` takes flash-attn-4), pooling head included."""
+    config = LlavaViTPackingConfig(**{**TINY, "hidden_size": 256, "intermediate_size": 512, "num_attention_heads": 4})
+    model = LlavaViTPackingModel(config)
+    randomize_(model, 7)
+    model = model.to("cuda", torch.bfloat16).eval()
+    grid = torch.tensor([[1, 24, 32], [1, 16, 40], [2, 16, 20], [1, 28, 28], [1, 1, 1]])
+    lengths = tuple(grid.prod(-1).tolist())
+    assert len(set(lengths)) > 1 and sum(lengths) / len(lengths) >= 512
+    assert resolve_attn_implementation("auto", torch.device("cuda"), torch.bfloat16, lengths) == "flash_attention_4"
+    hs = torch.randn(sum(lengths), config.patch_dim, device="cuda", dtype=torch.bfloat16)
+    outs = {}
+    for impl in ("flash_attention_4", "sdpa"):
+        model.config._attn_implementation = impl
+        outs[impl] = model(hs, grid)
+    model.config._attn_implementation = "auto"
+    tokens = _min_cosine(outs["flash_attention_4"].last_hidden_state, outs["sdpa"].last_hidden_state)
+    pooled = _min_cosine(outs["flash_attention_4"].pooler_output, outs["sdpa"].pooler_output)
+    report("flash_attention_4 vs sdpa model bf16 min cosine tokens", tokens)
+    report("flash_attention_4 vs sdpa model bf16 min cosine pooled (head)", pooled)
+    assert tokens >= 0.999 and pooled >= 0.999

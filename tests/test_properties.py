@@ -22,7 +22,12 @@ from golden_cases import patchify
 from llava_vit import compute_patch_positions_with_interpolated_temporal, interpolate_frame_indices
 import torch.nn.functional as F
 
-from llava_vit.model.attention import flash_attn_available, torch_varlen_available
+from llava_vit.model.attention import (
+    FLASH_ATTN4_CAPABILITY_MAJORS,
+    flash_attn4_available,
+    flash_attn_available,
+    torch_varlen_available,
+)
 from model_pairs import TINY, source_and_packed
 
 P = TINY["patch_size"]
@@ -91,6 +96,12 @@ BACKEND_RUNS = [  # (attn_implementation, device, dtype); half precision is comp
         _CUDA, pytest.mark.skipif(not torch_varlen_available(), reason="needs torch.nn.attention.varlen (PyTorch >= 2.10)")]),
     pytest.param("flash_attention_2", "cuda", torch.bfloat16, id="flash_attention_2-cuda-bfloat16", marks=[
         _CUDA, pytest.mark.skipif(not flash_attn_available(), reason="needs the flash-attn package")]),
+    pytest.param("flash_attention_4", "cuda", torch.bfloat16, id="flash_attention_4-cuda-bfloat16", marks=[
+        _CUDA, pytest.mark.skipif(not flash_attn4_available(), reason="needs the flash-attn-4 package"),
+        pytest.mark.skipif(
+            flash_attn4_available() and torch.cuda.is_available()
+            and torch.cuda.get_device_capability()[0] not in FLASH_ATTN4_CAPABILITY_MAJORS,
+            reason="flash-attn-4 needs a GPU of compute capability 9.x or 10.x")]),
 ]
 HALF_MIN_COS = 0.999
 

@@ -537,6 +537,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--attn", default="auto", choices=ATTN_IMPLEMENTATIONS, help="packed attention backend")
     parser.add_argument("--fp8", action="store_true",
                         help="packed model with FP8 linear layers (llava_vit.model.fp8.quantize_fp8, needs torchao); baseline bf16")
+    parser.add_argument("--fp8-keep-bf16", nargs="+", default=(), metavar="NAME_OR_LAYER",
+                        help="with --fp8: linears (qkv, proj, fc1, fc2) or layer numbers (negative from the end) left in bf16")
     parser.add_argument("--cuda-graphs", action="store_true",
                         help="also time the latency workloads replayed as CUDA graphs (llava_vit.model.cuda_graphs)")
     parser.add_argument("--train", action="store_true",
@@ -581,6 +583,7 @@ def main(argv: list[str] | None = None) -> dict:
         "settings": {"variant": "tiny" if args.smoke else args.variant, "arch": arch, "dtype": args.dtype,
                      "attn_requested": args.attn, "compile": args.compile, "warmup": args.warmup,
                      "iters": args.iters, "baseline": args.baseline, "smoke": args.smoke, "fp8": args.fp8,
+                     "fp8_keep_bf16": list(args.fp8_keep_bf16),
                      "cuda_graphs": args.cuda_graphs, "train": args.train},
         "method": {"flop_formula": FLOP_FORMULA, "mfu": MFU_DEFINITION, "peak_memory": PEAK_DEFINITION,
                    "timing": "CUDA events around each forward under torch.inference_mode; median, min, max",
@@ -608,7 +611,8 @@ def main(argv: list[str] | None = None) -> dict:
     if args.fp8:
         from llava_vit.model.fp8 import quantize_fp8
 
-        quantize_fp8(packed, compile=args.compile)
+        keep = [int(item) if item.lstrip("-").isdigit() else item for item in args.fp8_keep_bf16]
+        quantize_fp8(packed, keep_bf16=keep, compile=args.compile)
     elif args.compile:
         packed.compile_fused()
 

@@ -60,11 +60,14 @@ FLASH_ATTN4_MIN_MEAN_LENGTH = 512
 _HALF = (torch.float16, torch.bfloat16)
 
 
-@dataclass(frozen=True)
+@dataclass(eq=False)
 class PackedSeqs:
     """Lengths of the samples of one packed batch, in the forms the kernels want.
 
-    Built once per forward from host-side lengths, so no kernel launch waits on the GPU.
+    Built once per forward from host-side lengths, so no kernel launch waits on the GPU. A plain
+    (not frozen) dataclass on purpose: ``torch.compile`` in torch 2.11 treats a frozen dataclass
+    as a constant and guards on its fields, so every new number of samples per pack recompiled
+    the layers around the (compile-excluded) attention call; a plain object passes through opaque.
     """
 
     lengths: tuple[int, ...]

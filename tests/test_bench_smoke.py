@@ -136,3 +136,18 @@ def test_source_batches_hold_the_packed_pixels():
     order = [0, 3, 1, 2]  # rows above: sample 0, sample 3, then the two videos
     expected = torch.cat([pack[starts[i]:starts[i + 1]] for i in order])
     assert torch.equal(rows, expected)
+
+
+def test_smoke_training_table_has_every_checkpointing_setting(tmp_path):
+    """--train times one step per checkpointing setting and counts 3x the forward FLOPs."""
+    report = bench.main(["--smoke", "--out", str(tmp_path), "--warmup", "1", "--no-baseline", "--train",
+                         "--checkpoint-every", "0", "1", "2", "--workloads", "smoke_mixed"])
+    training = report["training"]["smoke_mixed"]
+    assert list(training["checkpointing"]) == ["none", "every layer", "every 2 layers"]
+    lengths = [t * (h // 14) * (w // 14) for t, h, w in bench.SMOKE_WORKLOADS["smoke_mixed"]]
+    flops = 3 * bench.count_flops(lengths, LlavaViTPackingConfig(**bench.TINY))["total"]
+    assert training["gflop_step"] == pytest.approx(flops / 1e9)
+    matmul = report["matmul"]["tflops"] * 1e12
+    for row in training["checkpointing"].values():
+        assert len(row["times_ms"]) == 10
+        assert row["mfu"] == pytest.approx(flops / (row["median_ms"] * 1e-3) / matmul)

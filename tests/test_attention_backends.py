@@ -183,28 +183,38 @@ def fake_flash_attn(monkeypatch):
     return calls
 
 
+@pytest.mark.parametrize("backend, fake, defaults", [
+    ("flash_attention_2", "fake_flash_attn", {"dropout_p": 0.0, "causal": False}),
+    ("flash_attention_4", "fake_flash_attn4", {"softmax_scale": None, "causal": False}),
+])
 @torch.no_grad()
-def test_flash_attention_2_path_calls_varlen_func(fake_flash_attn, monkeypatch):
-    config = LlavaViTPackingConfig(**TINY, attn_implementation="flash_attention_2")
+def test_flash_attention_path_calls_varlen_func(backend, fake, defaults, request, monkeypatch):
+    """The layers and the pooling head call the package's varlen function with the pack's lengths."""
+    calls = request.getfixturevalue(fake)
+    config = LlavaViTPackingConfig(**TINY, attn_implementation=backend)
     model = LlavaViTPackingModel(config).eval()
     randomize_(model, 0)
-    assert model.config._attn_implementation == "flash_attention_2"
+    assert model.config._attn_implementation == backend
     grid = torch.tensor([[1, 3, 5], [2, 2, 2], [1, 4, 4]])
     hs = torch.randn(int((grid.prod(-1)).sum()), config.patch_dim)
     with pytest.raises(ValueError, match="CUDA device"):  # FlashAttention kernels cannot run on CPU float32 ...
         model(hs, grid)
     monkeypatch.setattr(llava_vit.model.modeling, "resolve_attn_implementation", lambda *a: "sdpa")
     expected = model(hs, grid)
-    monkeypatch.setattr(llava_vit.model.modeling, "resolve_attn_implementation", lambda *a: "flash_attention_2")
+    monkeypatch.setattr(llava_vit.model.modeling, "resolve_attn_implementation", lambda *a: backend)
     out = model(hs, grid)  # ... so force the dispatch to check the call itself
     torch.testing.assert_close(out.last_hidden_state, expected.last_hidden_state)
     torch.testing.assert_close(out.pooler_output, expected.pooler_output)
-    layer_calls = [c for c in fake_flash_attn if c["max_q"] == 16]
-    head_calls = [c for c in fake_flash_attn if c["max_q"] == 1]
+    layer_calls = [c for c in calls if c["max_q"] == 16]
+    head_calls = [c for c in calls if c["max_q"] == 1]
     assert len(layer_calls) == config.num_hidden_layers and len(head_calls) == 1
-    assert layer_calls[0]["cu_q"].tolist() == [0, 15, 23, 39] and layer_calls[0]["cu_q"].dtype == torch.int32
+    assert len(calls) == config.num_hidden_layers + 1
+    for c in layer_calls:
+        assert c["cu_q"].tolist() == [0, 15, 23, 39] and c["cu_k"].tolist() == [0, 15, 23, 39]
+        assert c["cu_q"].dtype == c["cu_k"].dtype == torch.int32 and c["max_k"] == 16
     assert head_calls[0]["cu_q"].tolist() == [0, 1, 2, 3] and head_calls[0]["cu_k"].tolist() == [0, 15, 23, 39]
-    assert all(c["dropout_p"] == 0.0 and c["causal"] is False for c in fake_flash_attn)
+    assert head_calls[0]["max_k"] == 16
+    assert all(c[key] == value for c in calls for key, value in defaults.items())
 
 
 @pytest.fixture
@@ -300,34 +310,6 @@ def test_fake_flash_attn4_matches_the_reference(fake_flash_attn4):
     out, lse = flash_attn_varlen_func(q, k, v, cu_seqlens_q=cu[0], cu_seqlens_k=cu[1], max_seqlen_q=1, max_seqlen_k=9)
     torch.testing.assert_close(out, reference_attention(q, k, v, lengths_q, lengths_k), rtol=1e-5, atol=1e-6)
     assert lse.shape == (q.shape[1], q.shape[0])
-
-
-@torch.no_grad()
-def test_flash_attention_4_path_calls_varlen_func(fake_flash_attn4, monkeypatch):
-    config = LlavaViTPackingConfig(**TINY, attn_implementation="flash_attention_4")
-    model = LlavaViTPackingModel(config).eval()
-    randomize_(model, 0)
-    assert model.config._attn_implementation == "flash_attention_4"
-    grid = torch.tensor([[1, 3, 5], [2, 2, 2], [1, 4, 4]])
-    hs = torch.randn(int((grid.prod(-1)).sum()), config.patch_dim)
-    with pytest.raises(ValueError, match="CUDA device"):  # FlashAttention kernels cannot run on CPU float32 ...
-        model(hs, grid)
-    monkeypatch.setattr(llava_vit.model.modeling, "resolve_attn_implementation", lambda *a: "sdpa")
-    expected = model(hs, grid)
-    monkeypatch.setattr(llava_vit.model.modeling, "resolve_attn_implementation", lambda *a: "flash_attention_4")
-    out = model(hs, grid)  # ... so force the dispatch to check the call itself
-    torch.testing.assert_close(out.last_hidden_state, expected.last_hidden_state)
-    torch.testing.assert_close(out.pooler_output, expected.pooler_output)
-    layer_calls = [c for c in fake_flash_attn4 if c["max_q"] == 16]
-    head_calls = [c for c in fake_flash_attn4 if c["max_q"] == 1]
-    assert len(layer_calls) == config.num_hidden_layers and len(head_calls) == 1
-    assert len(fake_flash_attn4) == config.num_hidden_layers + 1
-    for c in layer_calls:
-        assert c["cu_q"].tolist() == [0, 15, 23, 39] and c["cu_k"].tolist() == [0, 15, 23, 39]
-        assert c["cu_q"].dtype == c["cu_k"].dtype == torch.int32 and c["max_k"] == 16
-    assert head_calls[0]["cu_q"].tolist() == [0, 1, 2, 3] and head_calls[0]["cu_k"].tolist() == [0, 15, 23, 39]
-    assert head_calls[0]["max_k"] == 16
-    assert all(c["softmax_scale"] is None and c["causal"] is False for c in fake_flash_attn4)
 
 
 def test_flash_attention_4_missing_package_raises_install_hint(monkeypatch):

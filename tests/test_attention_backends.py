@@ -180,7 +180,9 @@ def fake_flash_attn(monkeypatch):
     module.flash_attn_varlen_func = flash_attn_varlen_func
     monkeypatch.setitem(sys.modules, "flash_attn", module)
     assert flash_attn_available()
-    return calls
+    llava_vit.model.attention._installed_kernels.cache_clear()  # auto looks the packages up again
+    yield calls
+    llava_vit.model.attention._installed_kernels.cache_clear()
 
 
 @pytest.mark.parametrize("backend, fake, defaults", [
@@ -296,7 +298,9 @@ def fake_flash_attn4(monkeypatch):
     monkeypatch.setitem(sys.modules, "flash_attn", parent)
     monkeypatch.setitem(sys.modules, "flash_attn.cute", cute)
     assert flash_attn4_available() and not flash_attn_available()
-    return calls
+    llava_vit.model.attention._installed_kernels.cache_clear()  # auto looks the packages up again
+    yield calls
+    llava_vit.model.attention._installed_kernels.cache_clear()
 
 
 def test_fake_flash_attn4_matches_the_reference(fake_flash_attn4):

@@ -188,9 +188,10 @@ def resolve_attn_implementation(
     (``"auto"`` picks the fastest, see :func:`auto_attn_implementation`)."""
     name = check_attn_implementation(name)
     if name == "auto":
-        flash_attn4 = device.type == "cuda" and flash_attn4_available()
+        flash_attn, torch_varlen, flash_attn4 = _installed_kernels()
+        flash_attn4 = flash_attn4 and device.type == "cuda"
         return auto_attn_implementation(
-            device.type, dtype, lengths, flash_attn_available(), torch_varlen_available(), _seen_before(lengths),
+            device.type, dtype, lengths, flash_attn, torch_varlen, _seen_before(lengths),
             flash_attn4, cuda_compute_capability(device) if flash_attn4 else None,
         )
     if name in ("flash_attention_4", "flash_attention_2", "varlen") and not (device.type == "cuda" and dtype in _HALF):
@@ -207,6 +208,13 @@ def resolve_attn_implementation(
                 f"10.x (Blackwell); found {found}. Use 'flash_attention_2', 'varlen' or 'auto'."
             )
     return name
+
+
+@functools.cache
+def _installed_kernels() -> tuple[bool, bool, bool]:
+    """Whether flash-attn 2, PyTorch's varlen kernel and flash-attn-4 are installed, looked up once
+    per process: each lookup searches ``sys.path`` (about 0.1 ms), too slow to repeat every forward."""
+    return flash_attn_available(), torch_varlen_available(), flash_attn4_available()
 
 
 _EQUAL_SHAPES: collections.OrderedDict[tuple[int, int], None] = collections.OrderedDict()
